@@ -1,0 +1,79 @@
+//! The command line of `SPEC.md`. Exit codes: 0 success, 1 the job or check failed, 2 bad usage
+//! or an invalid config (clap's own usage errors already exit 2).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+/// Concatenate objects into one verified, atomically published output.
+#[derive(Debug, Parser)]
+#[command(name = "concatd", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon in the foreground.
+    Run {
+        /// The rules file.
+        #[arg(short = 'c', long = "config", value_name = "RULES.yaml")]
+        config: PathBuf,
+    },
+    /// Validate the rules file and its folders.
+    Check {
+        #[arg(short = 'c', long = "config", value_name = "RULES.yaml")]
+        config: PathBuf,
+    },
+    /// Run one manifest in the foreground and print its result JSON.
+    Once {
+        #[arg(short = 'c', long = "config", value_name = "RULES.yaml")]
+        config: PathBuf,
+        /// The rule whose settings apply.
+        #[arg(long, value_name = "NAME")]
+        rule: String,
+        /// The manifest (JSON, or YAML for .yaml/.yml).
+        manifest: PathBuf,
+    },
+    /// Drop a manifest into a rule's folder; with --wait, wait for and print its result.
+    Submit {
+        #[arg(short = 'c', long = "config", value_name = "RULES.yaml")]
+        config: PathBuf,
+        #[arg(long, value_name = "NAME")]
+        rule: String,
+        manifest: PathBuf,
+        /// Wait for the result and exit 0 (succeeded) or 1 (failed).
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this long (e.g. 30s, 5m).
+        #[arg(long, value_name = "DUR", value_parser = parse_duration, requires = "wait")]
+        timeout: Option<Duration>,
+    },
+    /// Show per-rule counts and the latest results.
+    Status {
+        #[arg(short = 'c', long = "config", value_name = "RULES.yaml")]
+        config: PathBuf,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print (and with -f follow) a rule's log.
+    Logs {
+        #[arg(short = 'c', long = "config", value_name = "RULES.yaml")]
+        config: PathBuf,
+        /// The rule.
+        rule: String,
+        /// Keep following, across rotation, like `tail -F`.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Lines to print from the end.
+        #[arg(short = 'n', long, default_value_t = 10)]
+        lines: usize,
+    },
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    crate::config::parse_duration(text)
+}

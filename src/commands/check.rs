@@ -1,0 +1,37 @@
+//! `concatd check`: validate the rules file and its folders.
+
+use std::path::Path;
+
+use super::{EXIT_USAGE, load_rules};
+
+pub fn run(config: &Path) -> anyhow::Result<i32> {
+    let rules = match load_rules(config) {
+        Ok(rules) => rules,
+        Err(code) => return Ok(code),
+    };
+    let mut problems = 0;
+    for rule in &rules.rules {
+        // The daemon must be able to claim manifests and move them to done/ and failed/.
+        if let Err(e) = rustix::fs::access(&rule.watch, rustix::fs::Access::WRITE_OK) {
+            eprintln!(
+                "rule '{}': key 'watch': {} is not writable: {e}",
+                rule.name,
+                rule.watch.display()
+            );
+            problems += 1;
+        }
+        if let Err(e) = rustix::fs::access(&rule.output_root, rustix::fs::Access::WRITE_OK) {
+            eprintln!(
+                "rule '{}': key 'output_root': {} is not writable: {e}",
+                rule.name,
+                rule.output_root.display()
+            );
+            problems += 1;
+        }
+    }
+    if problems > 0 {
+        return Ok(EXIT_USAGE);
+    }
+    println!("{}: {} rule(s) OK", config.display(), rules.rules.len());
+    Ok(0)
+}

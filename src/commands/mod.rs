@@ -1,0 +1,48 @@
+//! One module per subcommand. Each returns the process exit code; `anyhow` lives only here.
+
+mod check;
+mod once;
+
+use crate::cli::Command;
+use crate::config::{self, ConfigError, Rules};
+
+/// Exit code for bad usage or an invalid config.
+pub const EXIT_USAGE: i32 = 2;
+
+/// Run a subcommand; its exit code.
+pub fn dispatch(command: Command) -> anyhow::Result<i32> {
+    match command {
+        Command::Check { config } => check::run(&config),
+        Command::Once {
+            config,
+            rule,
+            manifest,
+        } => once::run(&config, &rule, &manifest),
+        Command::Run { .. }
+        | Command::Submit { .. }
+        | Command::Status { .. }
+        | Command::Logs { .. } => {
+            eprintln!("concatd: this command is not built yet");
+            Ok(EXIT_USAGE)
+        }
+    }
+}
+
+/// Load the rules file, printing its problems; `Err(exit code)` when it is unusable.
+pub fn load_rules(path: &std::path::Path) -> Result<Rules, i32> {
+    config::load(path).map_err(|e: ConfigError| {
+        eprintln!("concatd: {e}");
+        EXIT_USAGE
+    })
+}
+
+/// Logs of foreground commands go to stderr; `RUST_LOG` sets the level (default: warnings).
+pub fn init_stderr_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}

@@ -1,0 +1,56 @@
+//! `concatd once`: one manifest through the daemon's job code, result JSON on stdout.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::{EXIT_USAGE, init_stderr_logging, load_rules};
+use crate::job::{self, JobContext, Progress};
+
+pub fn run(config: &Path, rule_name: &str, manifest: &Path) -> anyhow::Result<i32> {
+    init_stderr_logging("warn");
+    let rules = match load_rules(config) {
+        Ok(rules) => rules,
+        Err(code) => return Ok(code),
+    };
+    let Some(rule) = rules.rule(rule_name) else {
+        eprintln!("concatd: rule '{rule_name}' is not in {}", config.display());
+        return Ok(EXIT_USAGE);
+    };
+    let progress = Progress::default();
+    let ctx = JobContext {
+        rule,
+        job_id: job::new_job_id(),
+        cancel: None,
+        progress: Some(&progress),
+    };
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let result = std::thread::scope(|s| {
+        if std::io::stderr().is_terminal() {
+            s.spawn(|| show_progress(&progress, &done));
+        }
+        let result = job::run(&ctx, manifest);
+        done.store(true, Ordering::Relaxed);
+        result
+    });
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(result.exit_code())
+}
+
+/// A bar of bytes, rate and ETA on stderr, while the job runs.
+fn show_progress(progress: &Progress, done: &std::sync::atomic::AtomicBool) {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+        )
+        .expect("valid template"),
+    );
+    while !done.load(Ordering::Relaxed) {
+        bar.set_length(progress.total.load(Ordering::Relaxed));
+        bar.set_position(progress.done.load(Ordering::Relaxed));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bar.finish_and_clear();
+}

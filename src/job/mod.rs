@@ -1,0 +1,258 @@
+//! One job: a manifest in, a verified output published (or nothing), a [`JobResult`] out.
+//!
+//! The same code serves `concatd once` and the daemon. Steps: parse the manifest, check the output
+//! location, plan (every source checked and measured), allocate the temporary output, copy and hash
+//! on every core ([`copy`]), check per-source and whole-output checksums, publish. Any failure
+//! drops the temporary output, which removes it: nothing appears at the output path.
+//! [`JobError::kind`] is the one place where failures become the spec's error kinds.
+
+mod copy;
+mod verify;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Instant, SystemTime};
+
+use crate::config::Rule;
+use crate::manifest::{Manifest, ManifestError};
+use crate::output::{OutputError, OutputTarget, Publish};
+use crate::result::{ErrorKind, JobResult, ResultError, Status};
+use crate::source::{SourceError, Sources};
+
+/// Why a job failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("source {number}: {source}")]
+    Source {
+        number: u64,
+        #[source]
+        source: SourceError,
+    },
+    #[error("source list {source}")]
+    List {
+        #[source]
+        source: SourceError,
+    },
+    #[error("{message}")]
+    SizeMismatch {
+        number: Option<u64>,
+        message: String,
+    },
+    #[error("{message}")]
+    ChecksumMismatch {
+        number: Option<u64>,
+        message: String,
+    },
+    #[error("{message}")]
+    TooLarge { message: String },
+    #[error(transparent)]
+    Output(#[from] OutputError),
+    #[error("cancelled: the daemon is shutting down")]
+    Cancelled,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl JobError {
+    /// The spec's error kind of this failure.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Manifest(_) => ErrorKind::InvalidManifest,
+            Self::Source { source, .. } | Self::List { source } => match source {
+                SourceError::NotAllowed { .. } => ErrorKind::SourceNotAllowed,
+                SourceError::NotFound { .. } => ErrorKind::SourceNotFound,
+                SourceError::NotRegular { .. } => ErrorKind::SourceNotRegular,
+                SourceError::ReadFailed { .. } => ErrorKind::SourceReadFailed,
+                SourceError::Changed { .. } => ErrorKind::SourceChanged,
+            },
+            Self::SizeMismatch { .. } => ErrorKind::SizeMismatch,
+            Self::ChecksumMismatch { .. } => ErrorKind::ChecksumMismatch,
+            Self::TooLarge { .. } => ErrorKind::TooLarge,
+            Self::Output(OutputError::NotAllowed { .. }) => ErrorKind::OutputNotAllowed,
+            Self::Output(OutputError::Exists { .. }) => ErrorKind::OutputExists,
+            Self::Output(OutputError::NoSpace { .. }) => ErrorKind::NoSpace,
+            Self::Output(OutputError::Io { .. }) | Self::Cancelled | Self::Internal(_) => {
+                ErrorKind::Internal
+            }
+        }
+    }
+
+    /// The 1-based number of the source at fault, if one is.
+    pub fn source_number(&self) -> Option<u64> {
+        match self {
+            Self::Source { number, .. } => Some(*number),
+            Self::SizeMismatch { number, .. } | Self::ChecksumMismatch { number, .. } => *number,
+            _ => None,
+        }
+    }
+}
+
+/// Bytes copied so far, for progress bars and logs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub total: AtomicU64,
+    pub done: AtomicU64,
+}
+
+/// Everything a job needs besides its manifest.
+pub struct JobContext<'a> {
+    pub rule: &'a Rule,
+    pub job_id: String,
+    /// Set to abort the job (it then fails with [`JobError::Cancelled`], output removed).
+    pub cancel: Option<&'a AtomicBool>,
+    pub progress: Option<&'a Progress>,
+}
+
+impl JobContext<'_> {
+    fn cancelled(&self) -> bool {
+        self.cancel.is_some_and(|c| c.load(Ordering::Relaxed))
+    }
+}
+
+/// What a successful job produced.
+struct Outcome {
+    output: std::path::PathBuf,
+    size: u64,
+    hash: blake3::Hash,
+    sources: u64,
+}
+
+/// A new job id: time-ordered, unique across daemons.
+pub fn new_job_id() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}
+
+/// Run the manifest at `manifest_path` to completion and describe what happened.
+pub fn run(ctx: &JobContext, manifest_path: &Path) -> JobResult {
+    let started = SystemTime::now();
+    let clock = Instant::now();
+    let manifest_name = manifest_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mode = ctx.rule.write_mode.resolve();
+    tracing::info!(job_id = %ctx.job_id, manifest = %manifest_name, "job started");
+    let outcome = execute(ctx, manifest_path);
+    let elapsed = clock.elapsed();
+    let mut result = JobResult {
+        status: Status::Succeeded,
+        rule: ctx.rule.name.clone(),
+        manifest: manifest_name.clone(),
+        job_id: ctx.job_id.clone(),
+        output: None,
+        size: None,
+        blake3: None,
+        sources: None,
+        write_mode: Some(mode.as_str().to_owned()),
+        started_at: humantime::format_rfc3339_millis(started).to_string(),
+        finished_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        duration_ms: elapsed.as_millis() as u64,
+        error: None,
+    };
+    match outcome {
+        Ok(o) => {
+            let rate = o.size as f64 / elapsed.as_secs_f64().max(1e-9) / (1 << 20) as f64;
+            tracing::info!(
+                job_id = %ctx.job_id, manifest = %manifest_name, output = %o.output.display(),
+                bytes = o.size, sources = o.sources, blake3 = %o.hash.to_hex(),
+                ms = result.duration_ms, mib_per_s = format!("{rate:.1}"), "published"
+            );
+            result.output = Some(o.output.display().to_string());
+            result.size = Some(o.size);
+            result.blake3 = Some(o.hash.to_hex().to_string());
+            result.sources = Some(o.sources);
+        }
+        Err(e) => {
+            tracing::warn!(
+                job_id = %ctx.job_id, manifest = %manifest_name, kind = %e.kind(),
+                error = %e, "failed"
+            );
+            result.status = Status::Failed;
+            result.error = Some(ResultError {
+                kind: e.kind(),
+                message: format!("{manifest_name}: {e}"),
+                source_index: e.source_number(),
+            });
+        }
+    }
+    result
+}
+
+fn execute(ctx: &JobContext, manifest_path: &Path) -> Result<Outcome, JobError> {
+    let rule = ctx.rule;
+    let manifest = Manifest::load(manifest_path)?;
+    for note in &manifest.notes {
+        tracing::info!(job_id = %ctx.job_id, "{note}");
+    }
+    let target = OutputTarget::new(&rule.output_root, &manifest.output)?;
+    let overwrite = manifest.overwrite.unwrap_or(rule.overwrite);
+    if !overwrite && target.exists() {
+        return Err(OutputError::Exists {
+            path: target.path().to_owned(),
+        }
+        .into());
+    }
+    let sources = Sources::new(rule).map_err(|source| JobError::List { source })?;
+    let plan = crate::plan::build(&manifest, &sources, rule.max_output_size)?;
+    if let Some(p) = ctx.progress {
+        p.total.store(plan.total, Ordering::Relaxed);
+    }
+    tracing::info!(
+        job_id = %ctx.job_id, sources = plan.count(), bytes = plan.total,
+        output = %target.path().display(), "planned"
+    );
+    if ctx.cancelled() {
+        return Err(JobError::Cancelled);
+    }
+    let temp = target.create_temp(&ctx.job_id, plan.total)?;
+    let mut mode = rule.write_mode.resolve();
+    if mode == crate::config::WriteMode::Mmap && !temp.allocated() {
+        // Without allocated blocks a full disk would reach a mapped write as SIGBUS.
+        tracing::warn!(job_id = %ctx.job_id, "filesystem cannot fallocate: using pwrite, not mmap");
+        mode = crate::config::WriteMode::Pwrite;
+    }
+    let copy = copy::Copy {
+        plan: &plan,
+        manifest: &manifest,
+        sources: &sources,
+        out: temp.file(),
+        out_path: target.path(),
+        mode,
+        ctx,
+    };
+    let hash = copy.run()?;
+    if plan.source_hashes {
+        verify::source_hashes(&plan, &manifest, &sources, temp.file())?;
+    }
+    if let Some(want) = manifest.expect.blake3
+        && want != hash
+    {
+        return Err(JobError::ChecksumMismatch {
+            number: None,
+            message: format!(
+                "expect.blake3 is {}, the output hashes to {}",
+                want.to_hex(),
+                hash.to_hex()
+            ),
+        });
+    }
+    if ctx.cancelled() {
+        return Err(JobError::Cancelled);
+    }
+    let output = temp.publish(
+        &hash,
+        Publish {
+            overwrite,
+            fsync: rule.fsync,
+            sidecar: rule.checksum_file,
+        },
+    )?;
+    Ok(Outcome {
+        output,
+        size: plan.total,
+        hash,
+        sources: plan.count(),
+    })
+}

@@ -1,0 +1,376 @@
+//! The output file: where it may go, the temporary file it is built in, and its atomic publish.
+//!
+//! Invariant: the output path shows either nothing (or the earlier file, untouched) or the
+//! complete, verified bytes. The bytes are built in a hidden temporary file in the output's own
+//! folder, created new (`O_EXCL`, never an existing file truncated) and allocated up front with
+//! `fallocate`, so a full disk is [`OutputError::NoSpace`] before any byte is written and a write
+//! through a memory map can never hit SIGBUS for want of blocks. Publishing is `fsync` of the file,
+//! `renameat2` (with `RENAME_NOREPLACE` unless overwriting, so a file that appeared meanwhile is
+//! never clobbered), then `fsync` of the folder. The `.b3` sidecar is written to its own temporary
+//! file *before* the output is renamed, so a full disk cannot leave an output without its sidecar.
+//! Dropping an unpublished [`TempOutput`] removes its files.
+//!
+//! Temporary names are `.concatd-<job id>.tmp` (and `.concatd-<job id>.b3.tmp`), so whoever knows a
+//! job's id — the daemon recovering after a crash — can find and remove them.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use rustix::fs::{AtFlags, FallocateFlags, Mode, OFlags, RenameFlags, ResolveFlags};
+use rustix::io::Errno;
+
+/// Why the output cannot be written or published.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error("output '{output}' is not allowed: {reason}")]
+    NotAllowed { output: String, reason: String },
+    #[error("output {} already exists (set overwrite to replace it)", path.display())]
+    Exists { path: PathBuf },
+    #[error("no space for output {} ({action}): {source}", path.display())]
+    NoSpace {
+        path: PathBuf,
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("output {} ({action}): {source}", path.display())]
+    Io {
+        path: PathBuf,
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The temporary file name of a job's output in the output's folder.
+pub fn temp_name(job_id: &str) -> String {
+    format!(".concatd-{job_id}.tmp")
+}
+
+fn sidecar_temp_name(job_id: &str) -> String {
+    format!(".concatd-{job_id}.b3.tmp")
+}
+
+fn sidecar_name(name: &OsString) -> OsString {
+    let mut b3 = name.clone();
+    b3.push(".b3");
+    b3
+}
+
+/// A checked output location: its folder is open, and lies beneath the rule's `output_root`.
+pub struct OutputTarget {
+    dir: OwnedFd,
+    name: OsString,
+    path: PathBuf,
+}
+
+impl OutputTarget {
+    /// Check `output` (relative, no `..`, not hidden in our temp-name space) and create its
+    /// parent folders beneath `root`, refusing any symlink on the way.
+    pub fn new(root: &Path, output: &str) -> Result<Self, OutputError> {
+        let refuse = |reason: &str| OutputError::NotAllowed {
+            output: output.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let rel = Path::new(output);
+        if output.is_empty() || output.ends_with('/') {
+            return Err(refuse("it must name a file"));
+        }
+        let mut parts = Vec::new();
+        for c in rel.components() {
+            match c {
+                Component::Normal(p) => parts.push(p),
+                Component::CurDir => {}
+                Component::ParentDir => return Err(refuse("`..` may not appear in it")),
+                Component::RootDir | Component::Prefix(_) => {
+                    return Err(refuse("it must be relative to the rule's output_root"));
+                }
+            }
+        }
+        let name = parts.pop().ok_or_else(|| refuse("it must name a file"))?;
+        if name.as_bytes().starts_with(b".concatd-") {
+            return Err(refuse("names starting with .concatd- are reserved"));
+        }
+        let io = |action, e: Errno| OutputError::Io {
+            path: root.to_owned(),
+            action,
+            source: e.into(),
+        };
+        let mut dir = rustix::fs::open(
+            root,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| io("opening output_root", e))?;
+        let mut path = root.to_path_buf();
+        for part in parts {
+            path.push(part);
+            match rustix::fs::mkdirat(&dir, part, Mode::from_raw_mode(0o755)) {
+                Ok(()) | Err(Errno::EXIST) => {}
+                Err(e) => return Err(io("creating parent folder", e)),
+            }
+            dir = rustix::fs::openat2(
+                &dir,
+                part,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+                ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
+            )
+            .map_err(|e| match e {
+                Errno::LOOP | Errno::NOTDIR | Errno::XDEV => OutputError::NotAllowed {
+                    output: output.to_owned(),
+                    reason: format!("{} is a symlink or not a folder", path.display()),
+                },
+                e => io("opening parent folder", e),
+            })?;
+        }
+        path.push(name);
+        Ok(Self {
+            dir,
+            name: name.to_owned(),
+            path,
+        })
+    }
+
+    /// The absolute path the output is published at.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether something (file, symlink, anything) is at the output path.
+    pub fn exists(&self) -> bool {
+        rustix::fs::statat(&self.dir, &self.name, AtFlags::SYMLINK_NOFOLLOW).is_ok()
+    }
+
+    /// Create the temporary file for job `job_id` and allocate `size` bytes for it.
+    pub fn create_temp(&self, job_id: &str, size: u64) -> Result<TempOutput<'_>, OutputError> {
+        let name = temp_name(job_id);
+        let fd = rustix::fs::openat(
+            &self.dir,
+            name.as_str(),
+            OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o644),
+        )
+        .map_err(|e| self.fail("creating temporary file", e))?;
+        let temp = TempOutput {
+            target: self,
+            job_id: job_id.to_owned(),
+            file: File::from(fd),
+            allocated: false,
+            published: false,
+        };
+        let mut temp = temp;
+        if size > 0 {
+            match rustix::fs::fallocate(&temp.file, FallocateFlags::empty(), 0, size) {
+                Ok(()) => temp.allocated = true,
+                // Filesystems without fallocate: size the file sparsely; writes may then meet
+                // ENOSPC (still an error, not a signal: memory-mapped writes are refused then).
+                Err(Errno::OPNOTSUPP) => temp
+                    .file
+                    .set_len(size)
+                    .map_err(|e| self.fail_io("sizing temporary file", e))?,
+                Err(e) => return Err(self.fail("allocating temporary file", e)),
+            }
+        }
+        Ok(temp)
+    }
+
+    fn fail(&self, action: &'static str, e: Errno) -> OutputError {
+        self.fail_io(action, e.into())
+    }
+
+    fn fail_io(&self, action: &'static str, e: std::io::Error) -> OutputError {
+        if is_no_space(&e) {
+            OutputError::NoSpace {
+                path: self.path.clone(),
+                action,
+                source: e,
+            }
+        } else {
+            OutputError::Io {
+                path: self.path.clone(),
+                action,
+                source: e,
+            }
+        }
+    }
+}
+
+/// True for the errors that mean "the filesystem is full" (or the file too big for it).
+pub fn is_no_space(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error().map(Errno::from_raw_os_error),
+        Some(Errno::NOSPC | Errno::DQUOT | Errno::FBIG)
+    )
+}
+
+/// How to publish.
+#[derive(Debug, Clone, Copy)]
+pub struct Publish {
+    pub overwrite: bool,
+    pub fsync: bool,
+    /// Also publish `<output>.b3`.
+    pub sidecar: bool,
+}
+
+/// The output being built. Removed on drop unless published.
+pub struct TempOutput<'a> {
+    target: &'a OutputTarget,
+    job_id: String,
+    file: File,
+    allocated: bool,
+    published: bool,
+}
+
+impl TempOutput<'_> {
+    /// The open temporary file, for the copy workers.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Whether every byte is allocated (so memory-mapped writes cannot fault for space).
+    pub fn allocated(&self) -> bool {
+        self.allocated
+    }
+
+    /// Make the output durable and visible at its path, with its sidecar.
+    pub fn publish(mut self, hash: &blake3::Hash, how: Publish) -> Result<PathBuf, OutputError> {
+        let t = self.target;
+        if how.fsync {
+            self.file
+                .sync_all()
+                .map_err(|e| t.fail_io("syncing temporary file", e))?;
+        }
+        let sidecar_temp = sidecar_temp_name(&self.job_id);
+        if how.sidecar {
+            let line = crate::checksum::sidecar_line(hash, &t.name.to_string_lossy());
+            self.write_sidecar_temp(&sidecar_temp, line.as_bytes(), how.fsync)?;
+        }
+        let flags = if how.overwrite {
+            RenameFlags::empty()
+        } else {
+            RenameFlags::NOREPLACE
+        };
+        match rustix::fs::renameat_with(&t.dir, temp_name(&self.job_id), &t.dir, &t.name, flags) {
+            Ok(()) => self.published = true,
+            Err(Errno::EXIST) => {
+                return Err(OutputError::Exists {
+                    path: t.path.clone(),
+                });
+            }
+            Err(e) => return Err(t.fail("publishing (rename)", e)),
+        }
+        // Past the rename the output is visible; should the rest fail, take it back down when
+        // nothing was replaced, so a failed job never leaves an output behind.
+        let finish = || -> Result<(), OutputError> {
+            if how.sidecar {
+                rustix::fs::renameat(&t.dir, sidecar_temp.as_str(), &t.dir, sidecar_name(&t.name))
+                    .map_err(|e| t.fail("publishing the .b3 sidecar", e))?;
+            }
+            if how.fsync {
+                rustix::fs::fsync(&t.dir).map_err(|e| t.fail("syncing the output folder", e))?;
+            }
+            Ok(())
+        };
+        if let Err(e) = finish() {
+            if !how.overwrite {
+                let _ = rustix::fs::unlinkat(&t.dir, &t.name, AtFlags::empty());
+                if how.sidecar {
+                    let _ = rustix::fs::unlinkat(&t.dir, sidecar_name(&t.name), AtFlags::empty());
+                }
+            }
+            return Err(e);
+        }
+        Ok(t.path.clone())
+    }
+
+    fn write_sidecar_temp(&self, name: &str, bytes: &[u8], fsync: bool) -> Result<(), OutputError> {
+        let t = self.target;
+        let fd = rustix::fs::openat(
+            &t.dir,
+            name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o644),
+        )
+        .map_err(|e| t.fail("creating the .b3 sidecar", e))?;
+        let file = File::from(fd);
+        std::io::Write::write_all(&mut &file, bytes)
+            .map_err(|e| t.fail_io("writing the .b3 sidecar", e))?;
+        if fsync {
+            file.sync_all()
+                .map_err(|e| t.fail_io("syncing the .b3 sidecar", e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TempOutput<'_> {
+    fn drop(&mut self) {
+        let dir = &self.target.dir;
+        if !self.published {
+            let _ = rustix::fs::unlinkat(dir, temp_name(&self.job_id), AtFlags::empty());
+        }
+        // Present only if publishing failed between writing it and renaming it.
+        let _ = rustix::fs::unlinkat(dir, sidecar_temp_name(&self.job_id), AtFlags::empty());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_that_leave_the_root_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for bad in [
+            "../x",
+            "/etc/passwd",
+            "a/../../x",
+            "",
+            "dir/",
+            ".concatd-1.tmp",
+        ] {
+            assert!(
+                matches!(
+                    OutputTarget::new(dir.path(), bad),
+                    Err(OutputError::NotAllowed { .. })
+                ),
+                "{bad}"
+            );
+        }
+        std::os::unix::fs::symlink("/tmp", dir.path().join("link")).unwrap();
+        assert!(matches!(
+            OutputTarget::new(dir.path(), "link/x"),
+            Err(OutputError::NotAllowed { .. })
+        ));
+    }
+
+    #[test]
+    fn publish_creates_parents_and_refuses_to_clobber() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = OutputTarget::new(dir.path(), "a/b/out.bin").unwrap();
+        let hash = blake3::hash(b"");
+        let how = Publish {
+            overwrite: false,
+            fsync: true,
+            sidecar: true,
+        };
+        target
+            .create_temp("j1", 0)
+            .unwrap()
+            .publish(&hash, how)
+            .unwrap();
+        assert!(dir.path().join("a/b/out.bin.b3").exists());
+        let err = target
+            .create_temp("j2", 0)
+            .unwrap()
+            .publish(&hash, how)
+            .unwrap_err();
+        assert!(matches!(err, OutputError::Exists { .. }));
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("a/b")).unwrap().collect();
+        assert_eq!(left.len(), 2, "temp files were removed");
+    }
+}

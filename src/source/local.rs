@@ -1,0 +1,311 @@
+//! Local files, confined to the rule's `allow.paths`.
+//!
+//! Every open goes through `openat2(root, relative, RESOLVE_BENEATH)` on a descriptor of the
+//! allowed folder, so the file that is opened is *by construction* inside that folder, whatever
+//! happens to the path between check and open. Symlinks are followed as long as they stay inside
+//! the folder; one that leads into a *different* allowed folder is found by canonicalizing the path
+//! and opening the canonical remainder beneath that folder with symlinks forbidden, so again the
+//! kernel, not a string comparison, enforces the boundary.
+//!
+//! The planning pass opens with `O_PATH` (no data access: FIFOs and devices are never opened for
+//! real, so nothing can block), the copy pass with `O_NONBLOCK` for the same reason; both `fstat`
+//! the descriptor they got, and the copy pass compares it with the planned [`Pin`].
+
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{FileType, Mode, OFlags, ResolveFlags};
+use rustix::io::Errno;
+
+use super::{Pin, Probe, SourceError};
+
+/// A local source file opened for reading.
+pub struct LocalFile {
+    file: File,
+}
+
+impl LocalFile {
+    /// `pread`: never a memory map, so a source truncated under us is a short read (reported as
+    /// `source_changed`), not a SIGBUS.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.file.read_at(buf, offset)
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    pub fn into_reader(self) -> File {
+        self.file
+    }
+}
+
+struct Root {
+    /// As configured (absolute), for the fast lexical match.
+    given: PathBuf,
+    /// Symlinks resolved, for matching canonical source paths.
+    canonical: PathBuf,
+    fd: OwnedFd,
+}
+
+/// Resolves manifest paths to files inside the allowed folders.
+pub struct LocalResolver {
+    source_root: Option<PathBuf>,
+    roots: Vec<Root>,
+}
+
+impl LocalResolver {
+    /// Open a descriptor on each allowed folder for the duration of a job.
+    pub fn new(source_root: Option<&Path>, allow: &[PathBuf]) -> Result<Self, SourceError> {
+        let mut roots = Vec::with_capacity(allow.len());
+        for given in allow {
+            let fail = |reason: String| SourceError::NotAllowed {
+                what: given.display().to_string(),
+                reason,
+            };
+            let canonical = std::fs::canonicalize(given)
+                .map_err(|e| fail(format!("allowed folder is unusable: {e}")))?;
+            let fd = rustix::fs::open(
+                &canonical,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| fail(format!("allowed folder is unusable: {e}")))?;
+            roots.push(Root {
+                given: given.clone(),
+                canonical,
+                fd,
+            });
+        }
+        Ok(Self {
+            source_root: source_root.map(Path::to_path_buf),
+            roots,
+        })
+    }
+
+    /// Check a source and learn its size and identity, without opening its data.
+    pub fn probe(&self, path: &str) -> Result<Probe, SourceError> {
+        let fd = self.open_beneath(path, OFlags::PATH | OFlags::CLOEXEC)?;
+        let st = regular(path, &fd)?;
+        Ok(Probe {
+            size: st.st_size as u64,
+            pin: pin_of(&st),
+        })
+    }
+
+    /// Open a probed source for reading, refusing it unless it is still the planned file.
+    pub fn open(&self, path: &str, pin: Pin) -> Result<LocalFile, SourceError> {
+        let fd = self.open_beneath(
+            path,
+            OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+        )?;
+        let st = regular(path, &fd)?;
+        if pin_of(&st) != pin {
+            return Err(SourceError::Changed {
+                what: path.to_owned(),
+                reason: "it is not the file that was planned (inode, size or mtime differ)".into(),
+            });
+        }
+        Ok(LocalFile {
+            file: File::from(fd),
+        })
+    }
+
+    fn open_beneath(&self, path: &str, flags: OFlags) -> Result<OwnedFd, SourceError> {
+        if self.roots.is_empty() {
+            return Err(SourceError::NotAllowed {
+                what: path.to_owned(),
+                reason:
+                    "local sources are not allowed by this rule (no allow.paths, no source_root)"
+                        .into(),
+            });
+        }
+        let given = Path::new(path);
+        let absolute = if given.is_absolute() {
+            given.to_path_buf()
+        } else {
+            match &self.source_root {
+                Some(root) => root.join(given),
+                None => {
+                    return Err(SourceError::NotAllowed {
+                        what: path.to_owned(),
+                        reason: "a relative path needs the rule's source_root".into(),
+                    });
+                }
+            }
+        };
+        // Fast path: the path lies lexically inside an allowed folder; the kernel checks that it
+        // also resolves inside it (symlinks and `..` included).
+        for root in &self.roots {
+            let rel = absolute
+                .strip_prefix(&root.given)
+                .or_else(|_| absolute.strip_prefix(&root.canonical));
+            if let Ok(rel) = rel {
+                match openat2(&root.fd, rel, flags, ResolveFlags::BENEATH) {
+                    Ok(fd) => return Ok(fd),
+                    Err(Errno::XDEV) => break, // escapes this folder: maybe into another one
+                    Err(e) => return Err(errno(path, e)),
+                }
+            }
+        }
+        // Slow path: follow every symlink, then open the canonical remainder beneath the folder
+        // that contains it, with symlinks forbidden so nothing can be swapped in meanwhile.
+        let canonical = std::fs::canonicalize(&absolute).map_err(|e| match e.raw_os_error() {
+            Some(code) => errno(path, Errno::from_raw_os_error(code)),
+            None => SourceError::ReadFailed {
+                what: path.to_owned(),
+                source: e,
+            },
+        })?;
+        for root in &self.roots {
+            if let Ok(rel) = canonical.strip_prefix(&root.canonical) {
+                return openat2(
+                    &root.fd,
+                    rel,
+                    flags,
+                    ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
+                )
+                .map_err(|e| errno(path, e));
+            }
+        }
+        Err(SourceError::NotAllowed {
+            what: path.to_owned(),
+            reason: format!("resolves to {}, outside allow.paths", canonical.display()),
+        })
+    }
+}
+
+fn openat2(
+    root: &OwnedFd,
+    rel: &Path,
+    flags: OFlags,
+    resolve: ResolveFlags,
+) -> Result<OwnedFd, Errno> {
+    let rel = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
+    rustix::fs::openat2(
+        root,
+        rel,
+        flags,
+        Mode::empty(),
+        resolve | ResolveFlags::NO_MAGICLINKS,
+    )
+}
+
+fn errno(path: &str, e: Errno) -> SourceError {
+    let what = path.to_owned();
+    match e {
+        Errno::NOENT | Errno::NOTDIR => SourceError::NotFound {
+            what,
+            reason: e.to_string(),
+        },
+        Errno::XDEV | Errno::LOOP => SourceError::NotAllowed {
+            what,
+            reason: "resolves outside allow.paths".into(),
+        },
+        other => SourceError::ReadFailed {
+            what,
+            source: other.into(),
+        },
+    }
+}
+
+fn regular(path: &str, fd: &OwnedFd) -> Result<rustix::fs::Stat, SourceError> {
+    let st = rustix::fs::fstat(fd).map_err(|e| SourceError::ReadFailed {
+        what: path.to_owned(),
+        source: e.into(),
+    })?;
+    let file_type = match FileType::from_raw_mode(st.st_mode) {
+        FileType::RegularFile => return Ok(st),
+        FileType::Directory => "directory",
+        FileType::Fifo => "FIFO",
+        FileType::Socket => "socket",
+        FileType::CharacterDevice => "character device",
+        FileType::BlockDevice => "block device",
+        _ => "special file",
+    };
+    Err(SourceError::NotRegular {
+        what: path.to_owned(),
+        file_type,
+    })
+}
+
+fn pin_of(st: &rustix::fs::Stat) -> Pin {
+    let mut h = blake3::Hasher::new();
+    for v in [
+        st.st_dev,
+        st.st_ino,
+        st.st_size as u64,
+        st.st_mtime as u64,
+        st.st_mtime_nsec,
+    ] {
+        h.update(&v.to_le_bytes());
+    }
+    let bytes = h.finalize();
+    Pin(u64::from_le_bytes(
+        bytes.as_bytes()[..8].try_into().expect("8 bytes"),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symlink_out_of_the_allowed_folder_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let allowed = dir.path().join("allowed");
+        std::fs::create_dir(&allowed).unwrap();
+        std::fs::write(dir.path().join("secret"), b"s").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret"), allowed.join("link")).unwrap();
+        std::fs::write(allowed.join("ok"), b"ok").unwrap();
+        let r = LocalResolver::new(Some(&allowed), std::slice::from_ref(&allowed)).unwrap();
+        assert_eq!(r.probe("ok").unwrap().size, 2);
+        assert!(matches!(
+            r.probe("link"),
+            Err(SourceError::NotAllowed { .. })
+        ));
+        assert!(matches!(
+            r.probe("../secret"),
+            Err(SourceError::NotAllowed { .. })
+        ));
+        assert!(matches!(r.probe("nope"), Err(SourceError::NotFound { .. })));
+        assert!(matches!(r.probe("."), Err(SourceError::NotRegular { .. })));
+    }
+
+    #[test]
+    fn symlink_into_a_second_allowed_folder_is_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::create_dir(&a).unwrap();
+        std::fs::create_dir(&b).unwrap();
+        std::fs::write(b.join("f"), b"data").unwrap();
+        std::os::unix::fs::symlink(b.join("f"), a.join("l")).unwrap();
+        let r = LocalResolver::new(Some(&a), &[a.clone(), b.clone()]).unwrap();
+        let probe = r.probe("l").unwrap();
+        assert_eq!(probe.size, 4);
+        let f = r.open("l", probe.pin).unwrap();
+        let mut buf = [0u8; 4];
+        assert_eq!(f.read_at(&mut buf, 0).unwrap(), 4);
+    }
+
+    #[test]
+    fn a_rewritten_file_no_longer_matches_its_pin() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"one").unwrap();
+        let r = LocalResolver::new(Some(dir.path()), &[dir.path().to_path_buf()]).unwrap();
+        let probe = r.probe("f").unwrap();
+        std::fs::remove_file(&p).unwrap();
+        std::fs::write(&p, b"two!").unwrap();
+        assert!(matches!(
+            r.open("f", probe.pin),
+            Err(SourceError::Changed { .. })
+        ));
+    }
+}
