@@ -205,7 +205,11 @@ impl Copy<'_> {
 
     fn open(&self, seg: &Segment) -> Result<Reader, JobError> {
         self.sources
-            .open(&seg.location, seg.pin)
+            .open(
+                &seg.location,
+                seg.pin,
+                seg.src_offset..seg.src_offset + seg.len,
+            )
             .map_err(|source| JobError::Source {
                 number: seg.number,
                 source,

@@ -93,8 +93,16 @@ impl Sources {
         }
     }
 
-    /// Open a probed source for reading; fails with `Changed` unless it still matches `pin`.
-    pub fn open(&self, location: &Location, pin: Pin) -> Result<Reader, SourceError> {
+    /// Open a probed source for reading `range` (which the caller then reads in order); fails
+    /// with `Changed` unless it still matches `pin`. Local files ignore the range; remote sources
+    /// use it to request exactly those bytes.
+    pub fn open(
+        &self,
+        location: &Location,
+        pin: Pin,
+        range: std::ops::Range<u64>,
+    ) -> Result<Reader, SourceError> {
+        let _ = &range;
         match location {
             Location::Path(p) => self.local.open(p, pin).map(Reader::Local),
             Location::Url(u) => Err(unsupported(u)),
