@@ -605,3 +605,56 @@ fn once_with_unknown_rule_or_bad_config_exits_2() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// A source truncated by another process while the job runs: `source_changed`, never a crash,
+/// nothing published. The truncation happens as soon as the temporary output appears (planning
+/// done), while the job is still copying the 50,000 small parts listed before the big one.
+#[test]
+fn source_truncated_during_the_job_is_source_changed() {
+    let env = Env::new("    write_mode: mmap\n");
+    env.data("small", &bytes(1, 100));
+    env.data("big", &bytes(2, 8 << 20));
+    env.data("list.txt", "small\n".repeat(50_000).as_bytes());
+    let m = env.path("m.json");
+    std::fs::write(
+        &m,
+        r#"{"output":"o","source_lists":["list.txt", "big.txt"]}"#,
+    )
+    .unwrap();
+    env.data("big.txt", b"big\n");
+    let mut child = Command::cargo_bin("concatd")
+        .unwrap()
+        .args(["once", "-c"])
+        .arg(env.path("rules.yaml"))
+        .args(["--rule", "t"])
+        .arg(&m)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    'wait: while started.elapsed() < std::time::Duration::from_secs(60) {
+        for e in std::fs::read_dir(env.path("out")).unwrap() {
+            if e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".concatd-")
+            {
+                break 'wait;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(env.path("data/big"))
+        .unwrap()
+        .set_len(1000)
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{r:#}");
+    assert_eq!(r["error"]["kind"], "source_changed", "{r:#}");
+    assert_eq!(r["error"]["source_index"], 50_001);
+    assert!(!env.path("out/o").exists());
+    assert_no_temp_files(&env.path("out"));
+}

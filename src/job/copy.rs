@@ -184,8 +184,13 @@ impl Copy<'_> {
         loop {
             let work = rx.lock().expect("receiver lock").recv();
             let Ok(work) = work else { return };
-            if self.stopped(shared) {
-                continue; // drain, so the producer never blocks on a full channel
+            // After a failure or a cancel, drain: the producer must never block on a full channel.
+            if shared.stop.load(Ordering::Relaxed) {
+                continue;
+            }
+            if self.ctx.cancelled() {
+                shared.fail(JobError::Cancelled);
+                continue;
             }
             let filled = match self.mode {
                 WriteMode::CopyFileRange => self.copy_file_range(&work, &mut block),
