@@ -622,7 +622,7 @@ fn source_truncated_during_the_job_is_source_changed() {
     )
     .unwrap();
     env.data("big.txt", b"big\n");
-    let mut child = Command::cargo_bin("concatd")
+    let child = Command::cargo_bin("concatd")
         .unwrap()
         .args(["once", "-c"])
         .arg(env.path("rules.yaml"))
