@@ -4,9 +4,11 @@
 //! with — and nothing else: paths and ranges are streamed from the manifest again by the copy
 //! pass, so a 1,000,000-part job plans in 16 MB whatever its paths, and never holds its items.
 
+use rayon::prelude::*;
+
 use crate::job::JobError;
-use crate::manifest::{Location, Manifest};
-use crate::source::{Pin, Sources};
+use crate::manifest::{Location, Manifest, SourceSpec};
+use crate::source::{Pin, Probe, Sources};
 
 /// Sizes, offsets and identities of a job's sources.
 #[derive(Debug, Default)]
@@ -54,6 +56,10 @@ impl Plan {
 /// its log, so only a summary follows.
 const LOGGED_SOURCES: u64 = 10_000;
 
+/// Sources probed at a time, in parallel: opening and `fstat`ing thousands of small files is
+/// the whole cost of planning, and it need not wait for the previous file.
+const PROBE_BATCH: usize = 1024;
+
 /// Check and measure every source of `manifest`, refusing the job as early as possible: a source
 /// that is missing, not allowed, not regular, shorter than its range or its declared `size`, or a
 /// total past `max_output_size` (checked as each source arrives) or unequal to `expect.size`.
@@ -64,7 +70,8 @@ pub fn build(
 ) -> Result<Plan, JobError> {
     let mut plan = Plan::default();
     let mut list_pins = Vec::new();
-    manifest.for_each_source(
+    let mut batch: Vec<(u64, SourceSpec)> = Vec::with_capacity(PROBE_BATCH);
+    manifest.for_each_source::<JobError, _, _>(
         |list: &Location| {
             let (reader, pin) = sources
                 .open_list(list, None)
@@ -73,53 +80,14 @@ pub fn build(
             Ok(reader)
         },
         |n, spec| {
-            let probe = sources
-                .probe(&spec.location)
-                .map_err(|source| JobError::Source { number: n, source })?;
-            let offset = spec.offset.unwrap_or(0);
-            let mismatch = |message: String| JobError::SizeMismatch {
-                number: Some(n),
-                message: format!("source {n} ({}): {message}", spec.location),
-            };
-            if offset > probe.size {
-                return Err(mismatch(format!(
-                    "offset {offset} is past its end ({} bytes)",
-                    probe.size
-                )));
+            batch.push((n, spec.clone()));
+            if batch.len() == PROBE_BATCH {
+                plan.add_batch(&mut batch, sources, max_output_size)?;
             }
-            let len = match spec.length {
-                Some(l) if offset.checked_add(l).is_none_or(|end| end > probe.size) => {
-                    return Err(mismatch(format!(
-                        "range {offset}+{l} is past its end ({} bytes)",
-                        probe.size
-                    )));
-                }
-                Some(l) => l,
-                None => probe.size - offset,
-            };
-            if let Some(want) = spec.size
-                && want != len
-            {
-                return Err(mismatch(format!("expected {want} bytes, found {len}")));
-            }
-            plan.total = plan.total.saturating_add(len);
-            if plan.total > max_output_size {
-                return Err(JobError::TooLarge {
-                    message: format!(
-                        "the output reaches {} bytes at source {n} ({}); max_output_size is {max_output_size}",
-                        plan.total, spec.location
-                    ),
-                });
-            }
-            if n <= LOGGED_SOURCES {
-                tracing::info!(source = n, location = %spec.location, bytes = len, "source planned");
-            }
-            plan.source_hashes |= spec.blake3.is_some();
-            plan.ends.push(plan.total);
-            plan.pins.push(probe.pin);
             Ok(())
         },
     )?;
+    plan.add_batch(&mut batch, sources, max_output_size)?;
     plan.list_pins = list_pins;
     if plan.count() == 0 {
         return Err(JobError::Manifest(
@@ -147,6 +115,79 @@ pub fn build(
         });
     }
     Ok(plan)
+}
+
+impl Plan {
+    /// Probe a batch of sources in parallel, then take them in order (so the first failing
+    /// source is the one reported, and `max_output_size` is checked source by source).
+    fn add_batch(
+        &mut self,
+        batch: &mut Vec<(u64, SourceSpec)>,
+        sources: &Sources,
+        max_output_size: u64,
+    ) -> Result<(), JobError> {
+        let probes: Vec<_> = batch
+            .par_iter()
+            .with_min_len(64)
+            .map(|(_, spec)| sources.probe(&spec.location))
+            .collect();
+        for ((n, spec), probe) in batch.drain(..).zip(probes) {
+            let probe = probe.map_err(|source| JobError::Source { number: n, source })?;
+            self.add(n, &spec, probe, max_output_size)?;
+        }
+        Ok(())
+    }
+
+    fn add(
+        &mut self,
+        n: u64,
+        spec: &SourceSpec,
+        probe: Probe,
+        max_output_size: u64,
+    ) -> Result<(), JobError> {
+        let offset = spec.offset.unwrap_or(0);
+        let mismatch = |message: String| JobError::SizeMismatch {
+            number: Some(n),
+            message: format!("source {n} ({}): {message}", spec.location),
+        };
+        if offset > probe.size {
+            return Err(mismatch(format!(
+                "offset {offset} is past its end ({} bytes)",
+                probe.size
+            )));
+        }
+        let len = match spec.length {
+            Some(l) if offset.checked_add(l).is_none_or(|end| end > probe.size) => {
+                return Err(mismatch(format!(
+                    "range {offset}+{l} is past its end ({} bytes)",
+                    probe.size
+                )));
+            }
+            Some(l) => l,
+            None => probe.size - offset,
+        };
+        if let Some(want) = spec.size
+            && want != len
+        {
+            return Err(mismatch(format!("expected {want} bytes, found {len}")));
+        }
+        self.total = self.total.saturating_add(len);
+        if self.total > max_output_size {
+            return Err(JobError::TooLarge {
+                message: format!(
+                    "the output reaches {} bytes at source {n} ({}); max_output_size is {max_output_size}",
+                    self.total, spec.location
+                ),
+            });
+        }
+        if n <= LOGGED_SOURCES {
+            tracing::info!(source = n, location = %spec.location, bytes = len, "source planned");
+        }
+        self.source_hashes |= spec.blake3.is_some();
+        self.ends.push(self.total);
+        self.pins.push(probe.pin);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -53,6 +53,8 @@ struct Root {
 /// Resolves manifest paths to files inside the allowed folders.
 pub struct LocalResolver {
     source_root: Option<PathBuf>,
+    /// The allowed folder that is the source_root, if it is one.
+    source_root_index: Option<usize>,
     roots: Vec<Root>,
 }
 
@@ -79,8 +81,10 @@ impl LocalResolver {
                 fd,
             });
         }
+        let source_root_index = source_root.and_then(|s| roots.iter().position(|r| r.given == s));
         Ok(Self {
             source_root: source_root.map(Path::to_path_buf),
+            source_root_index,
             roots,
         })
     }
@@ -123,6 +127,17 @@ impl LocalResolver {
             });
         }
         let given = Path::new(path);
+        // The common case, a relative path under a source_root that is itself allowed: open it
+        // beneath that folder directly (no joining and prefix-stripping per source).
+        if given.is_relative()
+            && let Some(root) = self.source_root_index.map(|i| &self.roots[i])
+        {
+            match openat2(&root.fd, given, flags, ResolveFlags::BENEATH) {
+                Ok(fd) => return Ok(fd),
+                Err(Errno::XDEV) => {} // leaves it: maybe into another allowed folder
+                Err(e) => return Err(errno(path, e)),
+            }
+        }
         let absolute = if given.is_absolute() {
             given.to_path_buf()
         } else {
