@@ -197,14 +197,18 @@ impl RuleLogs {
     }
 }
 
-/// The rule a span belongs to, kept in its extensions.
-struct RuleName(String);
+/// What the layer keeps of a span: the rule it names, and its other fields (`job_id`,
+/// `manifest`), added to every line logged inside it that does not carry them itself.
+struct SpanFields {
+    rule: Option<String>,
+    fields: Vec<(&'static str, String)>,
+}
 
 /// Collects an event's (or span's) fields: `message` apart, the others as `key=value`.
 #[derive(Default)]
 struct Fields {
     message: String,
-    rest: String,
+    rest: Vec<(&'static str, String)>,
     rule: Option<String>,
 }
 
@@ -213,9 +217,7 @@ impl Visit for Fields {
         match field.name() {
             "message" => self.message.push_str(value),
             "rule" => self.rule = Some(value.to_owned()),
-            name => {
-                let _ = write!(self.rest, " {name}={value}");
-            }
+            name => self.rest.push((name, value.to_owned())),
         }
     }
 
@@ -225,9 +227,7 @@ impl Visit for Fields {
                 let _ = write!(self.message, "{value:?}");
             }
             "rule" => self.rule = Some(format!("{value:?}")),
-            name => {
-                let _ = write!(self.rest, " {name}={value:?}");
-            }
+            name => self.rest.push((name, format!("{value:?}"))),
         }
     }
 }
@@ -256,8 +256,11 @@ where
     ) {
         let mut fields = Fields::default();
         attrs.record(&mut fields);
-        if let (Some(rule), Some(span)) = (fields.rule, ctx.span(id)) {
-            span.extensions_mut().insert(RuleName(rule));
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(SpanFields {
+                rule: fields.rule,
+                fields: fields.rest,
+            });
         }
     }
 
@@ -268,21 +271,31 @@ where
         let Some(scope) = ctx.event_scope(event) else {
             return;
         };
-        let Some(rule) = scope
-            .from_root()
-            .find_map(|span| span.extensions().get::<RuleName>().map(|r| r.0.clone()))
-        else {
-            return;
-        };
         let mut fields = Fields::default();
         event.record(&mut fields);
-        let line = format!(
-            "{} {:>5} {}{}\n",
+        let mut rule = None;
+        let mut context = Vec::new();
+        for span in scope.from_root() {
+            if let Some(f) = span.extensions().get::<SpanFields>() {
+                rule = f.rule.clone().or(rule);
+                context.extend(f.fields.iter().cloned());
+            }
+        }
+        let Some(rule) = rule else { return };
+        let mut line = format!(
+            "{} {:>5} {}",
             humantime::format_rfc3339_millis(SystemTime::now()),
             event.metadata().level(),
             fields.message,
-            fields.rest
         );
+        for (k, v) in context
+            .iter()
+            .filter(|(k, _)| !fields.rest.iter().any(|(e, _)| e == k))
+            .chain(&fields.rest)
+        {
+            let _ = write!(line, " {k}={v}");
+        }
+        line.push('\n');
         self.logs.write_line(&rule, &line);
     }
 }

@@ -35,7 +35,9 @@ pub fn run(config: &Path, json: bool) -> anyhow::Result<i32> {
     };
     let mut status = Status { rules: Vec::new() };
     for rule in &rules.rules {
-        let waiting = scan(&rule.watch).map(|v| v.len()).unwrap_or(0);
+        let waiting = scan(&rule.watch)
+            .map(|s| s.ready.len() + s.fresh)
+            .unwrap_or(0);
         let running = std::fs::read_dir(rule.watch.join(WORK_DIR))
             .map(|d| d.filter_map(|e| e.ok()).count())
             .unwrap_or(0);

@@ -90,6 +90,8 @@ impl RuleTask {
             }
         }
         let mut running = JoinSet::new();
+        // When files too fresh to take were seen by a scan: look again then.
+        let mut rescan_at: Option<tokio::time::Instant> = None;
         loop {
             let rule = self.current();
             let can_start = !queue.is_empty() && running.len() < rule.concurrency;
@@ -100,9 +102,12 @@ impl RuleTask {
                     Some(Notice::Ready(name)) => {
                         queue.push(Item::New(name));
                     }
-                    Some(Notice::Rescan) => rescan(&watch_dir, &mut queue).await,
+                    Some(Notice::Rescan) => rescan_at = rescan(&watch_dir, &mut queue).await,
                     None => break,
                 },
+                _ = sleep_until(rescan_at), if rescan_at.is_some() => {
+                    rescan_at = rescan(&watch_dir, &mut queue).await;
+                }
                 Some(_) = running.join_next(), if !running.is_empty() => {}
                 permit = self.global.clone().acquire_owned(), if can_start => {
                     let Ok(permit) = permit else { break };
@@ -123,18 +128,37 @@ impl RuleTask {
     }
 }
 
-async fn rescan(dir: &std::path::Path, queue: &mut Queue) {
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// List the folder and queue what is new; when to scan again (files still settling).
+async fn rescan(dir: &std::path::Path, queue: &mut Queue) -> Option<tokio::time::Instant> {
     let d: PathBuf = dir.to_owned();
     match tokio::task::spawn_blocking(move || watch::scan(&d)).await {
-        Ok(Ok(names)) => {
-            let added = names
+        Ok(Ok(found)) => {
+            let added = found
+                .ready
                 .into_iter()
                 .filter(|n| queue.push(Item::New(n.clone())))
                 .count();
-            tracing::debug!(folder = %dir.display(), added, waiting = queue.len(), "scanned");
+            tracing::debug!(
+                folder = %dir.display(), added, fresh = found.fresh, waiting = queue.len(),
+                "scanned"
+            );
+            (found.fresh > 0).then(|| tokio::time::Instant::now() + watch::SCAN_SETTLE)
         }
-        Ok(Err(e)) => tracing::error!(folder = %dir.display(), error = %e, "cannot scan"),
-        Err(e) => tracing::error!(folder = %dir.display(), error = %e, "scan task failed"),
+        Ok(Err(e)) => {
+            tracing::error!(folder = %dir.display(), error = %e, "cannot scan");
+            None
+        }
+        Err(e) => {
+            tracing::error!(folder = %dir.display(), error = %e, "scan task failed");
+            None
+        }
     }
 }
 

@@ -73,6 +73,10 @@ pub fn run_item(item: Item, rule: &Rule, cancel: &AtomicBool) {
             }
         }
     };
+    let job_span = tracing::info_span!(
+        "job", job_id = %dir.id, manifest = %dir.name.to_string_lossy()
+    );
+    let _job = job_span.enter();
     let started_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
     let journal_dir = dir.path.clone();
     let hook = move |point: &PublishPoint| {

@@ -69,9 +69,25 @@ pub fn is_candidate(name: &OsStr) -> bool {
         || name == FAILED_DIR)
 }
 
-/// The candidate regular files in `dir`, oldest first (mtime, then name): the arrival order as
-/// well as a listing can tell it.
-pub fn scan(dir: &Path) -> std::io::Result<Vec<OsString>> {
+/// How old a file found by a scan must be to be taken: a scan cannot see whether a writer still
+/// has the file open, so a file modified this recently is left for its close event or the next
+/// scan. (A producer that writes in place and pauses longer than this while the daemon starts or
+/// recovers from lost events may see its file taken early: producers should rename files in.)
+pub const SCAN_SETTLE: Duration = Duration::from_secs(1);
+
+/// What a scan found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Scan {
+    /// Candidates, oldest first (mtime, then name): the arrival order as well as a listing can tell.
+    pub ready: Vec<OsString>,
+    /// Candidates modified less than [`SCAN_SETTLE`] ago: scan again later.
+    pub fresh: usize,
+}
+
+/// The candidate regular files in `dir` that have settled.
+pub fn scan(dir: &Path) -> std::io::Result<Scan> {
+    let settled = SystemTime::now() - SCAN_SETTLE;
+    let mut fresh = 0;
     let mut found = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
@@ -81,11 +97,19 @@ pub fn scan(dir: &Path) -> std::io::Result<Vec<OsString>> {
         }
         let Ok(meta) = entry.metadata() else { continue };
         if meta.is_file() {
-            found.push((meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), name));
+            let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            if mtime > settled {
+                fresh += 1;
+            } else {
+                found.push((mtime, name));
+            }
         }
     }
     found.sort();
-    Ok(found.into_iter().map(|(_, n)| n).collect())
+    Ok(Scan {
+        ready: found.into_iter().map(|(_, n)| n).collect(),
+        fresh,
+    })
 }
 
 /// Keeps a folder watched while it lives.
@@ -236,8 +260,11 @@ mod tests {
             f.set_modified(t0 + Duration::from_secs(i as u64)).unwrap();
         }
         std::fs::write(dir.path().join(".x.json.tmp"), "{}").unwrap();
+        std::fs::write(dir.path().join("new.json"), "{").unwrap();
         std::fs::create_dir(dir.path().join("done")).unwrap();
         std::fs::create_dir(dir.path().join("sub")).unwrap();
-        assert_eq!(scan(dir.path()).unwrap(), ["b.json", "a.json", "c.json"]);
+        let found = scan(dir.path()).unwrap();
+        assert_eq!(found.ready, ["b.json", "a.json", "c.json"]);
+        assert_eq!(found.fresh, 1, "new.json may still be being written");
     }
 }
