@@ -261,7 +261,9 @@ fn a_manifest_being_written_is_not_taken_before_close() {
     f.flush().unwrap();
     std::thread::sleep(Duration::from_millis(700));
     assert!(inbox.join("slow.json").exists(), "taken while still open");
-    wait_until(Duration::from_secs(5), || names(&inbox.join(".work")).is_empty());
+    wait_until(Duration::from_secs(5), || {
+        names(&inbox.join(".work")).is_empty()
+    });
     f.write_all(&text[10..]).unwrap();
     drop(f);
     wait_until(Duration::from_secs(10), || count_results(&inbox) == 1);
@@ -314,7 +316,9 @@ fn check_many(env: &Env, n: usize, sources: &[Vec<u8>]) {
         2 * n,
         "outputs and sidecars only"
     );
-    wait_until(Duration::from_secs(5), || names(&inbox.join(".work")).is_empty());
+    wait_until(Duration::from_secs(5), || {
+        names(&inbox.join(".work")).is_empty()
+    });
     assert_eq!(names(&inbox.join("done")).len(), 2 * n);
     assert!(names(&inbox.join("failed")).is_empty());
 }
@@ -394,7 +398,9 @@ fn kill_9_during_a_large_job_then_restart_gives_one_complete_result() {
     assert_eq!(r["status"], "succeeded", "{r}");
     assert_eq!(fs::read(env.path("out/big/out.bin")).unwrap(), expected);
     assert!(temps_in(&env.path("out")).is_empty());
-    wait_until(Duration::from_secs(5), || names(&env.path("in/.work")).is_empty());
+    wait_until(Duration::from_secs(5), || {
+        names(&env.path("in/.work")).is_empty()
+    });
     assert_eq!(d.stop(), 0);
     assert_eq!(count_results(&env.path("in")), 1);
 }
@@ -453,7 +459,9 @@ fn a_crash_between_publish_and_result_is_filed_as_success_not_output_exists() {
         b"published bytespublished bytes"
     );
     assert!(temps_in(&env.path("out")).is_empty());
-    wait_until(Duration::from_secs(5), || names(&env.path("in/.work")).is_empty());
+    wait_until(Duration::from_secs(5), || {
+        names(&env.path("in/.work")).is_empty()
+    });
     assert_eq!(d.stop(), 0);
 }
 

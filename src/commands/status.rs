@@ -44,7 +44,7 @@ pub fn run(config: &Path, json: bool) -> anyhow::Result<i32> {
         let mut results = Vec::new();
         let done = results_in(&rule.watch.join(DONE_DIR), &mut results);
         let failed = results_in(&rule.watch.join(FAILED_DIR), &mut results);
-        results.sort_by(|a, b| b.0.cmp(&a.0));
+        results.sort_by_key(|r| std::cmp::Reverse(r.0));
         let latest = results
             .iter()
             .take(LATEST)

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use super::{EXIT_USAGE, load_rules};
-use crate::daemon::claim::{find_link, result_name};
+use crate::daemon::claim::{find_filed, result_name};
 use crate::daemon::watch::{DONE_DIR, FAILED_DIR, is_candidate};
 use crate::result::JobResult;
 
@@ -112,7 +112,7 @@ fn find_result(watch: &Path, name: &OsStr, ino: u64) -> Option<JobResult> {
         // The common case first: filed under its own name.
         let filed = match std::fs::symlink_metadata(dest.join(name)) {
             Ok(m) if m.ino() == ino => Some(name.to_owned()),
-            _ => find_link(&dest, name, ino),
+            _ => find_filed(&dest, name, ino),
         };
         if let Some(filed) = filed
             && let Ok(bytes) = std::fs::read(dest.join(result_name(&filed)))

@@ -9,16 +9,21 @@
 //! Filing ([`file_result`]) keeps "one result per manifest" across crashes; each step is durable
 //! (when the rule asks for fsync) before the next:
 //! 1. the result is written to `.work/<id>/NAME.result.json` (temp file, fsync, rename);
-//! 2. the manifest is hard-linked to `done/D` (or `failed/D`), `D` = `NAME` or the first free
-//!    `NAME` with a suffix: `link` never replaces, so holding `D` means owning `D.result.json`;
+//! 2. `D` is picked, `NAME` or the first free `NAME` with a suffix (`stem-1.ext`…), and recorded
+//!    in `.work/<id>/filing`; the manifest is renamed to `done/D` (or `failed/D`) without
+//!    replacing anything (`RENAME_NOREPLACE`: if `D` was taken meanwhile, the next one is tried);
 //! 3. the result is renamed to `done/D.result.json`;
-//! 4. the job folder is removed (the manifest leaves `.work/`).
+//! 4. the job folder is removed.
 //!
-//! Recovery (`recover`) resumes from whichever step a crash interrupted.
+//! Recovery (`recover`) resumes from whichever step a crash interrupted: a result still in the job
+//! folder is filed — beside the manifest's recorded new name if the manifest already left.
+//! (Renames, not hard links: with `fs.protected_hardlinks` a service user may not link a
+//! manifest another user dropped.)
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -29,6 +34,9 @@ use crate::result::JobResult;
 
 /// The job's journal written just before the output is renamed into place (see `recover`).
 pub const PUBLISH_JOURNAL: &str = "publish.json";
+
+/// Where the manifest is being filed (step 2): the full path it is renamed to.
+pub const FILING_RECORD: &str = "filing";
 
 /// Why a claim or filing failed.
 #[derive(Debug, thiserror::Error)]
@@ -89,8 +97,11 @@ impl JobDir {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        // The manifest is the one entry that is neither the journal nor a result/temp file.
+        // The manifest is the entry that is none of the daemon's own files. Once it has left
+        // (a filing record exists), the name is that of the result waiting to be filed.
         let mut name = None;
+        let mut result = None;
+        let mut filing = false;
         let entries = match std::fs::read_dir(path) {
             Ok(entries) => entries,
             // Removed by its owner between our open and our lock: nothing left to do.
@@ -100,9 +111,26 @@ impl JobDir {
         for entry in entries {
             let n = entry.map_err(io("listing job folder", path))?.file_name();
             let s = n.to_string_lossy();
-            if s != PUBLISH_JOURNAL && !s.ends_with(".result.json") && !s.starts_with('.') {
-                name = Some(n);
+            if s == FILING_RECORD {
+                filing = true;
+                continue;
             }
+            if s == PUBLISH_JOURNAL || s.ends_with(".tmp") || s.starts_with('.') {
+                continue;
+            }
+            // Of NAME and NAME.result.json, the shorter is the manifest.
+            if name.as_ref().is_none_or(|m: &OsString| n.len() < m.len()) {
+                result = name.replace(n);
+            } else {
+                result = Some(n);
+            }
+        }
+        if filing
+            && result.is_none()
+            && let Some(only) = name.take()
+        {
+            let s = only.to_string_lossy();
+            name = Some(s.strip_suffix(".result.json").unwrap_or(&s).into());
         }
         Ok(Some(Self {
             id,
@@ -202,9 +230,9 @@ pub fn suffixed(name: &OsStr, n: u32) -> OsString {
     }
 }
 
-/// The name under `dest` that is a hard link of the file with inode `ino` and was derived from
-/// `name` (step 2 of filing, found again after a crash).
-pub fn find_link(dest: &Path, name: &OsStr, ino: u64) -> Option<OsString> {
+/// The name under `dest` of the file with inode `ino` that was filed from `name` (its name, or
+/// its name with a suffix): `submit --wait` finds its own manifest this way.
+pub fn find_filed(dest: &Path, name: &OsStr, ino: u64) -> Option<OsString> {
     let s = name.to_string_lossy();
     let stem = match s.rfind('.').filter(|&i| i > 0) {
         Some(i) => &s[..i],
@@ -237,32 +265,47 @@ pub fn file_result(
         json.push(b'\n');
         write_atomic(&result_path, &json, fsync)?;
     }
-    std::fs::create_dir_all(dest).map_err(io("creating", dest))?;
     let manifest = dir.manifest();
-    let meta = std::fs::symlink_metadata(&manifest).map_err(io("reading", &manifest))?;
-    let already = if meta.nlink() > 1 {
-        find_link(dest, &dir.name, meta.ino())
+    let record = dir.path.join(FILING_RECORD);
+    let (dest, filed): (PathBuf, OsString) = if manifest.exists() {
+        std::fs::create_dir_all(dest).map_err(io("creating", dest))?;
+        let mut n = 0;
+        loop {
+            let d = suffixed(&dir.name, n);
+            n += 1;
+            let to = dest.join(&d);
+            if to.symlink_metadata().is_ok() || dest.join(result_name(&d)).exists() {
+                continue;
+            }
+            write_atomic(&record, to.as_os_str().as_encoded_bytes(), fsync)?;
+            let moved = rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                &manifest,
+                rustix::fs::CWD,
+                &to,
+                rustix::fs::RenameFlags::NOREPLACE,
+            );
+            match moved {
+                Ok(()) => break (dest.to_owned(), d),
+                Err(rustix::io::Errno::EXIST) => continue,
+                Err(e) => return Err(io("filing manifest", &to)(e.into())),
+            }
+        }
     } else {
-        None
-    };
-    let filed = match already {
-        Some(d) => d,
-        None => {
-            let mut n = 0;
-            loop {
-                let d = suffixed(&dir.name, n);
-                n += 1;
-                if dest.join(result_name(&d)).exists() {
-                    continue;
-                }
-                match std::fs::hard_link(&manifest, dest.join(&d)) {
-                    Ok(()) => break d,
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                    Err(e) => return Err(io("filing manifest", dest)(e)),
-                }
+        // Resumed after a crash that came after the manifest was moved: it went where recorded.
+        let to = PathBuf::from(OsString::from_vec(
+            std::fs::read(&record).map_err(io("reading filing record", &record))?,
+        ));
+        match (to.parent(), to.file_name()) {
+            (Some(p), Some(n)) => (p.to_owned(), n.to_owned()),
+            _ => {
+                return Err(io("reading filing record", &record)(
+                    std::io::ErrorKind::InvalidData.into(),
+                ));
             }
         }
     };
+    let dest = dest.as_path();
     let final_result = dest.join(result_name(&filed));
     std::fs::rename(&result_path, &final_result).map_err(io("filing result", &final_result))?;
     if fsync {
@@ -312,5 +355,34 @@ mod tests {
                 .unwrap();
         assert_eq!(back, result);
         assert_eq!(std::fs::read_dir(watch.join(WORK_DIR)).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn filing_resumes_after_the_manifest_moved() {
+        let dir = tempfile::tempdir().unwrap();
+        let watch = dir.path();
+        let done = watch.join("done");
+        std::fs::create_dir(&done).unwrap();
+        let job = watch.join(WORK_DIR).join("j1");
+        std::fs::create_dir_all(&job).unwrap();
+        // A manifest whose own name ends in .result.json, to make the name detection work.
+        let result = r#"{"status":"succeeded","rule":"r","manifest":"x.result.json","job_id":"j1","started_at":"","finished_at":"","duration_ms":0}"#;
+        std::fs::write(job.join("x.result.json.result.json"), result).unwrap();
+        std::fs::write(
+            job.join(FILING_RECORD),
+            done.join("x-3.result.json").as_os_str().as_encoded_bytes(),
+        )
+        .unwrap();
+        std::fs::write(done.join("x-3.result.json"), "{}").unwrap();
+        let dir = JobDir::lock_existing(&job).unwrap().unwrap();
+        assert_eq!(dir.name, "x.result.json");
+        let parsed: JobResult = serde_json::from_str(result).unwrap();
+        let filed = file_result(dir, &done, &parsed, false).unwrap();
+        assert_eq!(filed, "x-3.result.json");
+        assert_eq!(
+            std::fs::read_to_string(done.join("x-3.result.json.result.json")).unwrap(),
+            result
+        );
+        assert!(!job.exists());
     }
 }

@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::claim::{self, ClaimError, JobDir, result_name};
-use super::watch::{DONE_DIR, FAILED_DIR, WORK_DIR};
+use super::claim::{self, ClaimError, JobDir};
+use super::watch::WORK_DIR;
 use crate::config::Rule;
 use crate::job::PublishPoint;
 use crate::result::{JobResult, Status};
@@ -81,42 +81,27 @@ pub enum Plan {
     /// Nothing left to do (filed already, or empty): the folder was removed.
     Gone,
     /// File this result (the job finished before the crash).
-    File(JobDir, JobResult),
+    File(JobDir, Box<JobResult>),
     /// Run the job again (temporary files already removed).
     Rerun(JobDir),
 }
 
 /// Decide what a locked, abandoned job folder needs.
 pub fn assess(dir: JobDir, rule: &Rule) -> Result<Plan, ClaimError> {
-    let manifest = dir.manifest();
-    let Some(meta) = std::fs::symlink_metadata(&manifest)
-        .ok()
-        .filter(|_| !dir.name.is_empty())
-    else {
-        // No manifest: crashed while claiming or after filing. Nothing to resume.
-        dir.remove(false)?;
-        return Ok(Plan::Gone);
-    };
     // The result is written before anything leaves the folder: resume filing.
-    if let Ok(bytes) = std::fs::read(dir.result_path())
+    if !dir.name.is_empty()
+        && let Ok(bytes) = std::fs::read(dir.result_path())
         && let Ok(result) = serde_json::from_slice::<JobResult>(&bytes)
     {
-        return Ok(Plan::File(dir, result));
+        return Ok(Plan::File(dir, Box::new(result)));
     }
-    // Linked into done/ or failed/ beside its result, but the folder not yet removed.
-    if meta.nlink() > 1 {
-        for sub in [DONE_DIR, FAILED_DIR] {
-            let dest = rule.watch.join(sub);
-            if let Some(d) = claim::find_link(&dest, &dir.name, meta.ino())
-                && dest.join(result_name(&d)).exists()
-            {
-                dir.remove(rule.fsync)?;
-                return Ok(Plan::Gone);
-            }
-        }
+    if dir.name.is_empty() || !dir.manifest().exists() {
+        // No manifest and no result: crashed while claiming, or after filing. Nothing to resume.
+        dir.remove(false)?;
+        return Ok(Plan::Gone);
     }
     if let Some(result) = published(&dir, rule) {
-        return Ok(Plan::File(dir, result));
+        return Ok(Plan::File(dir, Box::new(result)));
     }
     remove_temps(&dir, rule);
     let _ = std::fs::remove_file(dir.journal());
