@@ -703,3 +703,50 @@ fn the_rule_log_holds_every_job_id_and_logs_prints_it() {
         last.into_iter().rev().collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn a_polling_rule_takes_a_file_once_it_holds_still() {
+    let env = Env::new("    fsync: false\n    poll_interval: 100ms\n");
+    env.data("a", b"P");
+    let d = env.start();
+    fs::write(
+        env.path("in/p.json"),
+        r#"{"output":"p.bin","sources":["a","a"]}"#,
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(10), || {
+        count_results(&env.path("in")) == 1
+    });
+    assert_eq!(fs::read(env.path("out/p.bin")).unwrap(), b"PP");
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn logs_follow_goes_on_across_rotation() {
+    let env = Env::new("");
+    let live = env.path("logs/r1.log");
+    fs::write(&live, "one\ntwo\nthree\n").unwrap();
+    let mut child = env
+        .concatd()
+        .args(["logs", "-c", "rules.yaml", "r1", "-f", "-n", "2"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    // Rotate as the daemon does: a last line to the old file, rename, a new live file.
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&live)
+        .unwrap()
+        .write_all(b"four\n")
+        .unwrap();
+    fs::rename(&live, env.path("logs/r1.log.2026-01-01")).unwrap();
+    fs::write(&live, "five\n").unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "two\nthree\nfour\nfive\n"
+    );
+}
