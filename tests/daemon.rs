@@ -750,3 +750,24 @@ fn logs_follow_goes_on_across_rotation() {
         "two\nthree\nfour\nfive\n"
     );
 }
+
+#[test]
+fn saving_the_rules_file_reloads_without_a_signal() {
+    let env = Env::new("    fsync: false\n");
+    env.data("a", b"E");
+    let d = env.start();
+    env.write_rules(&format!(
+        "log_dir: logs\nrules:\n{}{}",
+        rule("r1", "in", "    fsync: false\n"),
+        rule("r2", "in2", "    fsync: false\n")
+    ));
+    wait_until(Duration::from_secs(10), || {
+        d.log().contains("added=[\"r2\"]")
+    });
+    env.drop_renamed("in2", "e.json", r#"{"output":"e.bin","sources":["a"]}"#);
+    wait_until(Duration::from_secs(10), || {
+        count_results(&env.path("in2")) == 1
+    });
+    assert_eq!(fs::read(env.path("out/e.bin")).unwrap(), b"E");
+    assert_eq!(d.stop(), 0);
+}
