@@ -579,3 +579,99 @@ fn saving_the_rules_file_reloads_without_a_signal() {
     assert_eq!(fs::read(env.path("out/e.bin")).unwrap(), b"E");
     assert_eq!(d.stop(), 0);
 }
+
+#[test]
+fn jobs_run_in_arrival_order_under_the_global_cap() {
+    let env = Env::new("    concurrency: 2\n");
+    env.write_rules(&format!(
+        "log_dir: logs\nmax_jobs: 1\nrules:\n{}{}",
+        rule("r1", "in", "    concurrency: 2\n"),
+        rule("r2", "in2", "    concurrency: 2\n")
+    ));
+    env.data("a", &vec![7u8; 1 << 20]);
+    let d = env.start();
+    // Names in reverse alphabetical order, alternating rules.
+    let mut order = Vec::new();
+    for i in (0..12).rev() {
+        for folder in ["in", "in2"] {
+            let name = format!("j{i:02}.json");
+            let out = format!("{folder}-{i}.bin");
+            env.drop_renamed(
+                folder,
+                &name,
+                &format!(r#"{{"output":"{out}","sources":["a"]}}"#),
+            );
+            order.push((folder, name));
+        }
+    }
+    wait_until(Duration::from_secs(30), || {
+        count_results(&env.path("in")) + count_results(&env.path("in2")) == 24
+    });
+    let mut all: Vec<Value> = results(&env.path("in"));
+    all.extend(results(&env.path("in2")));
+    assert!(all.iter().all(|r| r["status"] == "succeeded"));
+    // max_jobs 1: no two jobs overlap (times are truncated to ms, so touching ends are fine).
+    let span = |r: &Value| {
+        (
+            r["started_at"].as_str().unwrap().to_owned(),
+            r["finished_at"].as_str().unwrap().to_owned(),
+        )
+    };
+    for (i, a) in all.iter().enumerate() {
+        for b in &all[i + 1..] {
+            let ((s1, f1), (s2, f2)) = (span(a), span(b));
+            assert!(!(s1 < f2 && s2 < f1), "overlap: {a} {b}");
+        }
+    }
+    // Within a rule, started in the order dropped.
+    for (rule, folder) in [("r1", "in"), ("r2", "in2")] {
+        let mut mine: Vec<&Value> = all.iter().filter(|r| r["rule"] == rule).collect();
+        mine.sort_by_key(|r| span(r).0);
+        let started: Vec<&str> = mine
+            .iter()
+            .map(|r| r["manifest"].as_str().unwrap())
+            .collect();
+        let dropped: Vec<&str> = order
+            .iter()
+            .filter(|(f, _)| *f == folder)
+            .map(|(_, n)| n.as_str())
+            .collect();
+        assert_eq!(started, dropped);
+    }
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn an_edited_rule_applies_to_jobs_claimed_after_the_reload() {
+    let env = Env::new("    fsync: false\n");
+    env.data("a", b"R");
+    let d = env.start();
+    env.drop_renamed(
+        "in",
+        "before.json",
+        r#"{"output":"before.bin","sources":["a"]}"#,
+    );
+    wait_until(Duration::from_secs(10), || {
+        count_results(&env.path("in")) == 1
+    });
+    assert!(env.path("out/before.bin.b3").exists());
+    env.write_rules(&format!(
+        "log_dir: logs\nrules:\n{}",
+        rule("r1", "in", "    fsync: false\n    checksum_file: false\n")
+    ));
+    d.signal("HUP");
+    wait_until(Duration::from_secs(10), || {
+        d.log().contains("changed=[\"r1\"]")
+    });
+    env.drop_renamed(
+        "in",
+        "after.json",
+        r#"{"output":"after.bin","sources":["a"]}"#,
+    );
+    wait_until(Duration::from_secs(10), || {
+        count_results(&env.path("in")) == 2
+    });
+    assert_eq!(fs::read(env.path("out/after.bin")).unwrap(), b"R");
+    assert!(!env.path("out/after.bin.b3").exists());
+    assert_eq!(d.stop(), 0);
+}
