@@ -4,6 +4,10 @@
 //! once, and each only with a permit of the daemon-wide semaphore of `max_jobs`: 1,000 manifests
 //! dropped at once wait in the queue (as names, claimed one by one as they start, so a second
 //! daemon on the same folder can take its share). Jobs run on blocking threads.
+//!
+//! Job folders in `.work/` are queued for recovery at start, on every rescan and every
+//! [`SWEEP_EVERY`]: those a live daemon holds locked are skipped, so jobs abandoned by a second
+//! daemon that died are picked up without a restart of this one.
 
 use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
@@ -19,6 +23,9 @@ use super::recover;
 use super::runner::{self, Item};
 use super::watch::{self, Notice};
 use crate::config::Rule;
+
+/// How often `.work/` is swept for jobs abandoned by a dead daemon.
+pub const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A FIFO of distinct items.
 #[derive(Debug, Default)]
@@ -75,20 +82,9 @@ impl RuleTask {
     pub async fn run(mut self) {
         let watch_dir = self.current().watch.clone();
         let mut queue = Queue::default();
-        let resumed = {
-            let dir = watch_dir.clone();
-            tokio::task::spawn_blocking(move || recover::list(&dir))
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-        };
-        match resumed {
-            Ok(dirs) => dirs.into_iter().for_each(|d| {
-                queue.push(Item::Resume(d));
-            }),
-            Err(e) => {
-                tracing::error!(folder = %watch_dir.display(), error = %e, "cannot list .work/")
-            }
-        }
+        sweep(&watch_dir, &mut queue).await;
+        let mut sweep_tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + SWEEP_EVERY, SWEEP_EVERY);
         let mut running = JoinSet::new();
         // When files too fresh to take were seen by a scan: look again then.
         let mut rescan_at: Option<tokio::time::Instant> = None;
@@ -102,13 +98,17 @@ impl RuleTask {
                     Some(Notice::Ready(name)) => {
                         queue.push(Item::New(name));
                     }
-                    Some(Notice::Rescan) => rescan_at = rescan(&watch_dir, &mut queue).await,
+                    Some(Notice::Rescan) => {
+                        sweep(&watch_dir, &mut queue).await;
+                        rescan_at = rescan(&watch_dir, &mut queue).await;
+                    }
                     None => break,
                 },
                 _ = sleep_until(rescan_at), if rescan_at.is_some() => {
                     rescan_at = rescan(&watch_dir, &mut queue).await;
                 }
                 Some(_) = running.join_next(), if !running.is_empty() => {}
+                _ = sweep_tick.tick() => sweep(&watch_dir, &mut queue).await,
                 permit = self.global.clone().acquire_owned(), if can_start => {
                     let Ok(permit) = permit else { break };
                     let item = queue.pop().expect("queue is not empty");
@@ -125,6 +125,20 @@ impl RuleTask {
 
     fn current(&self) -> Arc<Rule> {
         self.rule.read().expect("rule lock").clone()
+    }
+}
+
+/// Queue the job folders of `.work/` for recovery (see `runner::run_item`).
+async fn sweep(watch_dir: &std::path::Path, queue: &mut Queue) {
+    let dir = watch_dir.to_owned();
+    let listed = tokio::task::spawn_blocking(move || recover::list(&dir))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    match listed {
+        Ok(dirs) => dirs.into_iter().for_each(|d| {
+            queue.push(Item::Resume(d));
+        }),
+        Err(e) => tracing::error!(folder = %watch_dir.display(), error = %e, "cannot list .work/"),
     }
 }
 
