@@ -675,3 +675,40 @@ fn an_edited_rule_applies_to_jobs_claimed_after_the_reload() {
     assert!(!env.path("out/after.bin.b3").exists());
     assert_eq!(d.stop(), 0);
 }
+
+#[test]
+fn systemd_hears_ready_then_watchdog_keep_alives() {
+    let env = Env::new("");
+    let socket_path = env.path("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin!("concatd"))
+        .args(["run", "-c"])
+        .arg(env.rules())
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "200000")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut heard = Vec::new();
+    let mut buf = [0u8; 256];
+    while heard
+        .iter()
+        .filter(|m: &&String| m.contains("WATCHDOG=1"))
+        .count()
+        < 2
+    {
+        let n = socket.recv(&mut buf).expect("a notification");
+        heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(heard[0].contains("READY=1"), "{heard:?}");
+    // READY comes after the rule was set up (its folders exist, its watch is armed).
+    assert!(env.path("in/.work").is_dir());
+    std::process::Command::new("kill")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
