@@ -179,3 +179,46 @@ fn remove_temps(dir: &JobDir, rule: &Rule) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{self, JobContext};
+
+    /// The hook runs with the finished temporary file, whose inode is the one published.
+    #[test]
+    fn the_journal_names_the_published_inode() {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["in", "out", "data", "job"] {
+            std::fs::create_dir(dir.path().join(d)).unwrap();
+        }
+        std::fs::write(dir.path().join("data/a"), b"journal").unwrap();
+        let text = "log_dir: logs\nrules:\n  - name: r\n    watch: in\n    output_root: out\n    source_root: data\n";
+        let rules = crate::config::parse(text, &dir.path().join("rules.yaml"), dir.path()).unwrap();
+        let manifest = dir.path().join("m.json");
+        std::fs::write(&manifest, r#"{"output":"o.bin","sources":["a"]}"#).unwrap();
+        let job_dir = dir.path().join("job");
+        let hook = |p: &PublishPoint| {
+            // Not yet visible at the output path.
+            assert!(!p.output.exists());
+            write_journal(&job_dir, p, "t0", true)
+        };
+        let ctx = JobContext {
+            rule: &rules.rules[0],
+            job_id: job::new_job_id(),
+            cancel: None,
+            progress: None,
+            before_publish: Some(&hook),
+        };
+        let result = job::run(&ctx, &manifest);
+        assert!(result.succeeded(), "{result:?}");
+        let journal: Journal =
+            serde_json::from_slice(&std::fs::read(job_dir.join(claim::PUBLISH_JOURNAL)).unwrap())
+                .unwrap();
+        let out = std::fs::metadata(dir.path().join("out/o.bin")).unwrap();
+        assert_eq!((journal.dev, journal.ino), (out.dev(), out.ino()));
+        assert_eq!(journal.size, 7);
+        assert_eq!(journal.blake3, blake3::hash(b"journal").to_hex().as_str());
+        assert_eq!(result.blake3.as_deref(), Some(journal.blake3.as_str()));
+    }
+}
