@@ -50,7 +50,8 @@ pub fn temp_name(job_id: &str) -> String {
     format!(".concatd-{job_id}.tmp")
 }
 
-fn sidecar_temp_name(job_id: &str) -> String {
+/// The temporary name of a job's `.b3` sidecar (renamed into place just after the output).
+pub fn sidecar_temp_name(job_id: &str) -> String {
     format!(".concatd-{job_id}.b3.tmp")
 }
 

@@ -1,7 +1,11 @@
 //! One module per subcommand. Each returns the process exit code; `anyhow` lives only here.
 
 mod check;
+mod logs;
 mod once;
+mod run;
+mod status;
+mod submit;
 
 use crate::cli::Command;
 use crate::config::{self, ConfigError, Rules};
@@ -18,13 +22,21 @@ pub fn dispatch(command: Command) -> anyhow::Result<i32> {
             rule,
             manifest,
         } => once::run(&config, &rule, &manifest),
-        Command::Run { .. }
-        | Command::Submit { .. }
-        | Command::Status { .. }
-        | Command::Logs { .. } => {
-            eprintln!("concatd: this command is not built yet");
-            Ok(EXIT_USAGE)
-        }
+        Command::Run { config } => run::run(&config),
+        Command::Submit {
+            config,
+            rule,
+            manifest,
+            wait,
+            timeout,
+        } => submit::run(&config, &rule, &manifest, wait, timeout),
+        Command::Status { config, json } => status::run(&config, json),
+        Command::Logs {
+            config,
+            rule,
+            follow,
+            lines,
+        } => logs::run(&config, &rule, follow, lines),
     }
 }
 

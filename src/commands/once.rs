@@ -24,6 +24,7 @@ pub fn run(config: &Path, rule_name: &str, manifest: &Path) -> anyhow::Result<i3
         job_id: job::new_job_id(),
         cancel: None,
         progress: Some(&progress),
+        before_publish: None,
     };
     let done = std::sync::atomic::AtomicBool::new(false);
     let result = std::thread::scope(|s| {

@@ -103,6 +103,25 @@ pub struct JobContext<'a> {
     /// Set to abort the job (it then fails with [`JobError::Cancelled`], output removed).
     pub cancel: Option<&'a AtomicBool>,
     pub progress: Option<&'a Progress>,
+    /// Called once the output is complete and verified, just before it is renamed into place.
+    /// The daemon records a journal entry here so that a crash between the rename and the result
+    /// being written is recognised on restart (see `daemon::recover`). An error fails the job
+    /// (kind `internal`) and nothing is published.
+    pub before_publish: Option<&'a BeforePublish<'a>>,
+}
+
+/// The hook type of [`JobContext::before_publish`].
+pub type BeforePublish<'a> = dyn Fn(&PublishPoint) -> std::io::Result<()> + Sync + 'a;
+
+/// What a job is about to publish: handed to [`JobContext::before_publish`].
+pub struct PublishPoint<'a> {
+    /// The path the output will appear at.
+    pub output: &'a Path,
+    /// The complete temporary file (its inode is what appears at `output`).
+    pub file: &'a std::fs::File,
+    pub size: u64,
+    pub hash: &'a blake3::Hash,
+    pub sources: u64,
 }
 
 impl JobContext<'_> {
@@ -240,6 +259,16 @@ fn execute(ctx: &JobContext, manifest_path: &Path) -> Result<Outcome, JobError> 
     }
     if ctx.cancelled() {
         return Err(JobError::Cancelled);
+    }
+    if let Some(hook) = ctx.before_publish {
+        hook(&PublishPoint {
+            output: target.path(),
+            file: temp.file(),
+            size: plan.total,
+            hash: &hash,
+            sources: plan.count(),
+        })
+        .map_err(|e| JobError::Internal(format!("recording the publish journal: {e}")))?;
     }
     let output = temp.publish(
         &hash,

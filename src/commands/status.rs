@@ -1,0 +1,106 @@
+//! `concatd status`: per rule, manifests waiting, running, done and failed, and the latest
+//! results — read from the folders, so it works whether or not the daemon runs.
+
+use std::path::Path;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use super::load_rules;
+use crate::daemon::watch::{DONE_DIR, FAILED_DIR, WORK_DIR, scan};
+use crate::result::JobResult;
+
+/// Results shown per rule.
+const LATEST: usize = 5;
+
+#[derive(Serialize)]
+struct RuleStatus {
+    name: String,
+    waiting: usize,
+    running: usize,
+    done: usize,
+    failed: usize,
+    latest: Vec<JobResult>,
+}
+
+#[derive(Serialize)]
+struct Status {
+    rules: Vec<RuleStatus>,
+}
+
+pub fn run(config: &Path, json: bool) -> anyhow::Result<i32> {
+    let rules = match load_rules(config) {
+        Ok(rules) => rules,
+        Err(code) => return Ok(code),
+    };
+    let mut status = Status { rules: Vec::new() };
+    for rule in &rules.rules {
+        let waiting = scan(&rule.watch)
+            .map(|s| s.ready.len() + s.fresh)
+            .unwrap_or(0);
+        let running = std::fs::read_dir(rule.watch.join(WORK_DIR))
+            .map(|d| d.filter_map(|e| e.ok()).count())
+            .unwrap_or(0);
+        let mut results = Vec::new();
+        let done = results_in(&rule.watch.join(DONE_DIR), &mut results);
+        let failed = results_in(&rule.watch.join(FAILED_DIR), &mut results);
+        results.sort_by_key(|r| std::cmp::Reverse(r.0));
+        let latest = results
+            .iter()
+            .take(LATEST)
+            .filter_map(|(_, p)| serde_json::from_slice(&std::fs::read(p).ok()?).ok())
+            .collect();
+        status.rules.push(RuleStatus {
+            name: rule.name.clone(),
+            waiting,
+            running,
+            done,
+            failed,
+            latest,
+        });
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<20} {:>8} {:>8} {:>8} {:>8}",
+        "RULE", "WAITING", "RUNNING", "DONE", "FAILED"
+    );
+    for r in &status.rules {
+        println!(
+            "{:<20} {:>8} {:>8} {:>8} {:>8}",
+            r.name, r.waiting, r.running, r.done, r.failed
+        );
+    }
+    for r in &status.rules {
+        for res in &r.latest {
+            let what = match (&res.output, &res.error) {
+                (_, Some(e)) => format!("failed {}: {}", e.kind, e.message),
+                (Some(out), None) => format!("succeeded -> {out}"),
+                (None, None) => "succeeded".to_owned(),
+            };
+            println!("{}  {}  {}  {what}", res.finished_at, r.name, res.manifest);
+        }
+    }
+    Ok(0)
+}
+
+/// Count the result files in `dir`, adding (mtime, path) of each to `out`.
+fn results_in(dir: &Path, out: &mut Vec<(SystemTime, std::path::PathBuf)>) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in entries.filter_map(|e| e.ok()) {
+        if e.file_name().to_string_lossy().ends_with(".result.json") {
+            n += 1;
+            let mtime = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            out.push((mtime, e.path()));
+        }
+    }
+    n
+}

@@ -1,0 +1,388 @@
+//! Claiming a manifest and filing it away with its result.
+//!
+//! A claim is an atomic rename of `<watch>/NAME` into a job folder `<watch>/.work/<job id>/NAME`,
+//! made before any work: of two daemons (or two events) racing for one manifest exactly one rename
+//! succeeds, the other finds the name gone. The job folder is `flock`ed by the daemon working on it
+//! for as long as it does; the kernel drops the lock when the process dies, which is how recovery
+//! tells an abandoned job from one another live daemon is running.
+//!
+//! Filing ([`file_result`]) keeps "one result per manifest" across crashes; each step is durable
+//! (when the rule asks for fsync) before the next:
+//! 1. the result is written to `.work/<id>/NAME.result.json` (temp file, fsync, rename);
+//! 2. `D` is picked, `NAME` or the first free `NAME` with a suffix (`stem-1.ext`…), and recorded
+//!    in `.work/<id>/filing`; the manifest is renamed to `done/D` (or `failed/D`) without
+//!    replacing anything (`RENAME_NOREPLACE`: if `D` was taken meanwhile, the next one is tried);
+//! 3. the result is renamed to `done/D.result.json`;
+//! 4. the job folder is removed.
+//!
+//! Recovery (`recover`) resumes from whichever step a crash interrupted: a result still in the job
+//! folder is filed — beside the manifest's recorded new name if the manifest already left.
+//! (Renames, not hard links: with `fs.protected_hardlinks` a service user may not link a
+//! manifest another user dropped.)
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::FlockOperation;
+
+use super::watch::WORK_DIR;
+use crate::result::JobResult;
+
+/// The job's journal written just before the output is renamed into place (see `recover`).
+pub const PUBLISH_JOURNAL: &str = "publish.json";
+
+/// Where the manifest is being filed (step 2): the full path it is renamed to.
+pub const FILING_RECORD: &str = "filing";
+
+/// Why a claim or filing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ClaimError + 'a {
+    move |source| ClaimError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A job folder this process holds locked.
+pub struct JobDir {
+    pub id: String,
+    pub path: PathBuf,
+    /// The manifest's name (as dropped).
+    pub name: OsString,
+    lock: File,
+}
+
+impl JobDir {
+    /// The claimed manifest.
+    pub fn manifest(&self) -> PathBuf {
+        self.path.join(&self.name)
+    }
+
+    /// Where the result waits before it is filed.
+    pub fn result_path(&self) -> PathBuf {
+        self.path.join(result_name(&self.name))
+    }
+
+    /// The publish journal of this job.
+    pub fn journal(&self) -> PathBuf {
+        self.path.join(PUBLISH_JOURNAL)
+    }
+
+    /// Lock an existing job folder; `Ok(None)` when another live process holds it or it is gone.
+    pub fn lock_existing(path: &Path) -> Result<Option<Self>, ClaimError> {
+        let lock = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io("opening job folder", path)(e)),
+        };
+        if rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive).is_err() {
+            return Ok(None);
+        }
+        let id = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // The manifest is the entry that is none of the daemon's own files. Once it has left
+        // (a filing record exists), the name is that of the result waiting to be filed.
+        let mut name = None;
+        let mut result = None;
+        let mut filing = false;
+        let entries = match std::fs::read_dir(path) {
+            Ok(entries) => entries,
+            // Removed by its owner between our open and our lock: nothing left to do.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io("listing job folder", path)(e)),
+        };
+        for entry in entries {
+            let n = entry.map_err(io("listing job folder", path))?.file_name();
+            let s = n.to_string_lossy();
+            if s == FILING_RECORD {
+                filing = true;
+                continue;
+            }
+            if s == PUBLISH_JOURNAL || s.ends_with(".tmp") || s.starts_with('.') {
+                continue;
+            }
+            // Of NAME and NAME.result.json, the shorter is the manifest.
+            if name.as_ref().is_none_or(|m: &OsString| n.len() < m.len()) {
+                result = name.replace(n);
+            } else {
+                result = Some(n);
+            }
+        }
+        if filing
+            && result.is_none()
+            && let Some(only) = name.take()
+        {
+            let s = only.to_string_lossy();
+            name = Some(s.strip_suffix(".result.json").unwrap_or(&s).into());
+        }
+        Ok(Some(Self {
+            id,
+            path: path.to_owned(),
+            name: name.unwrap_or_default(),
+            lock,
+        }))
+    }
+
+    /// Remove the job folder and everything in it (the lock goes with the handle).
+    pub fn remove(self, fsync: bool) -> Result<(), ClaimError> {
+        std::fs::remove_dir_all(&self.path).map_err(io("removing job folder", &self.path))?;
+        if fsync && let Some(work) = self.path.parent() {
+            sync_dir(work)?;
+        }
+        drop(self.lock);
+        Ok(())
+    }
+}
+
+/// `NAME.result.json`.
+pub fn result_name(name: &OsStr) -> OsString {
+    let mut r = name.to_owned();
+    r.push(".result.json");
+    r
+}
+
+/// Claim `<watch>/NAME` for job `id`: `Ok(None)` when it is gone (someone else claimed it).
+pub fn claim(watch: &Path, name: &OsStr, id: &str) -> Result<Option<JobDir>, ClaimError> {
+    let work = watch.join(WORK_DIR);
+    let from = watch.join(name);
+    // Twice at most: a second daemon's recovery may remove our job folder while it is still empty
+    // (between mkdir and rename); then the manifest is still there and we try again.
+    for attempt in 0..3 {
+        let id = if attempt == 0 {
+            id.to_owned()
+        } else {
+            crate::job::new_job_id()
+        };
+        let path = work.join(&id);
+        std::fs::create_dir_all(&path).map_err(io("creating job folder", &path))?;
+        let Some(mut dir) = JobDir::lock_existing(&path)? else {
+            continue;
+        };
+        dir.name = name.to_owned();
+        match std::fs::rename(&from, dir.manifest()) {
+            Ok(()) => return Ok(Some(dir)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let _ = std::fs::remove_dir(&path);
+                if std::fs::symlink_metadata(&from).is_err() {
+                    return Ok(None);
+                }
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir(&path);
+                return Err(io("claiming manifest", &from)(e));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// `fsync` a folder, so renames and links in it are durable.
+pub fn sync_dir(dir: &Path) -> Result<(), ClaimError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("syncing folder", dir))
+}
+
+/// Write `bytes` to `path` atomically: a temp file beside it, fsync (if asked), rename.
+pub fn write_atomic(path: &Path, bytes: &[u8], fsync: bool) -> Result<(), ClaimError> {
+    let mut temp = path.as_os_str().to_owned();
+    temp.push(".tmp");
+    let temp = PathBuf::from(temp);
+    let mut f = File::create(&temp).map_err(io("writing", &temp))?;
+    f.write_all(bytes).map_err(io("writing", &temp))?;
+    if fsync {
+        f.sync_all().map_err(io("syncing", &temp))?;
+    }
+    std::fs::rename(&temp, path).map_err(io("renaming into place", path))?;
+    if fsync && let Some(parent) = path.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+/// The `n`th name for `name` in `done/` or `failed/`: `NAME`, then `stem-1.ext`, `stem-2.ext`…
+/// (the extension kept, so a YAML manifest still reads as YAML).
+pub fn suffixed(name: &OsStr, n: u32) -> OsString {
+    if n == 0 {
+        return name.to_owned();
+    }
+    let s = name.to_string_lossy();
+    match s.rfind('.').filter(|&i| i > 0) {
+        Some(i) => format!("{}-{n}{}", &s[..i], &s[i..]).into(),
+        None => format!("{s}-{n}").into(),
+    }
+}
+
+/// The name under `dest` of the file with inode `ino` that was filed from `name` (its name, or
+/// its name with a suffix): `submit --wait` finds its own manifest this way.
+pub fn find_filed(dest: &Path, name: &OsStr, ino: u64) -> Option<OsString> {
+    let s = name.to_string_lossy();
+    let stem = match s.rfind('.').filter(|&i| i > 0) {
+        Some(i) => &s[..i],
+        None => &s[..],
+    };
+    std::fs::read_dir(dest).ok()?.find_map(|e| {
+        let e = e.ok()?;
+        let n = e.file_name();
+        let ns = n.to_string_lossy();
+        (ns.starts_with(stem) && !ns.ends_with(".result.json"))
+            .then(|| e.metadata().ok())
+            .flatten()
+            .filter(|m| m.ino() == ino)
+            .map(|_| n)
+    })
+}
+
+/// File a finished job: result first into the job folder, then manifest and result into `dest`
+/// (`done/` or `failed/`), then the job folder removed. Returns the name used in `dest`.
+/// Also resumes a filing a crash interrupted (the result may already be written).
+pub fn file_result(
+    dir: JobDir,
+    dest: &Path,
+    result: &JobResult,
+    fsync: bool,
+) -> Result<OsString, ClaimError> {
+    let result_path = dir.result_path();
+    if !result_path.exists() {
+        let mut json = serde_json::to_vec_pretty(result).expect("result serializes");
+        json.push(b'\n');
+        write_atomic(&result_path, &json, fsync)?;
+    }
+    let manifest = dir.manifest();
+    let record = dir.path.join(FILING_RECORD);
+    let (dest, filed): (PathBuf, OsString) = if manifest.exists() {
+        std::fs::create_dir_all(dest).map_err(io("creating", dest))?;
+        let mut n = 0;
+        loop {
+            let d = suffixed(&dir.name, n);
+            n += 1;
+            let to = dest.join(&d);
+            if to.symlink_metadata().is_ok() || dest.join(result_name(&d)).exists() {
+                continue;
+            }
+            write_atomic(&record, to.as_os_str().as_encoded_bytes(), fsync)?;
+            let moved = rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                &manifest,
+                rustix::fs::CWD,
+                &to,
+                rustix::fs::RenameFlags::NOREPLACE,
+            );
+            match moved {
+                Ok(()) => break (dest.to_owned(), d),
+                Err(rustix::io::Errno::EXIST) => continue,
+                Err(e) => return Err(io("filing manifest", &to)(e.into())),
+            }
+        }
+    } else {
+        // Resumed after a crash that came after the manifest was moved: it went where recorded.
+        let to = PathBuf::from(OsString::from_vec(
+            std::fs::read(&record).map_err(io("reading filing record", &record))?,
+        ));
+        match (to.parent(), to.file_name()) {
+            (Some(p), Some(n)) => (p.to_owned(), n.to_owned()),
+            _ => {
+                return Err(io("reading filing record", &record)(
+                    std::io::ErrorKind::InvalidData.into(),
+                ));
+            }
+        }
+    };
+    let dest = dest.as_path();
+    let final_result = dest.join(result_name(&filed));
+    std::fs::rename(&result_path, &final_result).map_err(io("filing result", &final_result))?;
+    if fsync {
+        sync_dir(dest)?;
+    }
+    dir.remove(fsync)?;
+    Ok(filed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suffixes_keep_the_extension() {
+        assert_eq!(suffixed(OsStr::new("a.json"), 0), "a.json");
+        assert_eq!(suffixed(OsStr::new("a.json"), 2), "a-2.json");
+        assert_eq!(suffixed(OsStr::new("a.b.yaml"), 1), "a.b-1.yaml");
+        assert_eq!(suffixed(OsStr::new("plain"), 1), "plain-1");
+    }
+
+    #[test]
+    fn claim_is_exclusive_and_filing_adds_a_suffix_when_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let watch = dir.path();
+        let done = watch.join("done");
+        std::fs::create_dir(&done).unwrap();
+        std::fs::write(done.join("m.json"), "old").unwrap();
+        std::fs::write(done.join("m.json.result.json"), "old").unwrap();
+        std::fs::write(watch.join("m.json"), "{}").unwrap();
+        let job = claim(watch, OsStr::new("m.json"), "j1").unwrap().unwrap();
+        assert!(claim(watch, OsStr::new("m.json"), "j2").unwrap().is_none());
+        // A second lock on a held job folder is refused.
+        assert!(JobDir::lock_existing(&job.path).unwrap().is_none());
+        let result: JobResult = serde_json::from_str(
+            r#"{"status":"failed","rule":"r","manifest":"m.json","job_id":"j1","started_at":"","finished_at":"","duration_ms":0}"#,
+        )
+        .unwrap();
+        let filed = file_result(job, &done, &result, true).unwrap();
+        assert_eq!(filed, "m-1.json");
+        assert_eq!(
+            std::fs::read_to_string(done.join("m-1.json")).unwrap(),
+            "{}"
+        );
+        let back: JobResult =
+            serde_json::from_slice(&std::fs::read(done.join("m-1.json.result.json")).unwrap())
+                .unwrap();
+        assert_eq!(back, result);
+        assert_eq!(std::fs::read_dir(watch.join(WORK_DIR)).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn filing_resumes_after_the_manifest_moved() {
+        let dir = tempfile::tempdir().unwrap();
+        let watch = dir.path();
+        let done = watch.join("done");
+        std::fs::create_dir(&done).unwrap();
+        let job = watch.join(WORK_DIR).join("j1");
+        std::fs::create_dir_all(&job).unwrap();
+        // A manifest whose own name ends in .result.json, to make the name detection work.
+        let result = r#"{"status":"succeeded","rule":"r","manifest":"x.result.json","job_id":"j1","started_at":"","finished_at":"","duration_ms":0}"#;
+        std::fs::write(job.join("x.result.json.result.json"), result).unwrap();
+        std::fs::write(
+            job.join(FILING_RECORD),
+            done.join("x-3.result.json").as_os_str().as_encoded_bytes(),
+        )
+        .unwrap();
+        std::fs::write(done.join("x-3.result.json"), "{}").unwrap();
+        let dir = JobDir::lock_existing(&job).unwrap().unwrap();
+        assert_eq!(dir.name, "x.result.json");
+        let parsed: JobResult = serde_json::from_str(result).unwrap();
+        let filed = file_result(dir, &done, &parsed, false).unwrap();
+        assert_eq!(filed, "x-3.result.json");
+        assert_eq!(
+            std::fs::read_to_string(done.join("x-3.result.json.result.json")).unwrap(),
+            result
+        );
+        assert!(!job.exists());
+    }
+}

@@ -1,0 +1,211 @@
+//! `concatd run`: the daemon.
+//!
+//! One task per rule ([`queue::RuleTask`]) fed by that rule's folder watch ([`watch`]); jobs run
+//! on blocking threads ([`runner`]), claimed by rename ([`claim`]) and resumed after a crash
+//! ([`recover`]). The main task owns the set of rules: it reloads them on SIGHUP or an edit of
+//! the rules file ([`reload`]) and shuts down on SIGTERM/SIGINT: stop claiming, give running jobs
+//! `shutdown_grace`, then abort them (their temporary files are removed, their manifests stay in
+//! `.work/` for the next start).
+
+pub mod claim;
+pub mod queue;
+pub mod recover;
+mod reload;
+pub mod runner;
+pub mod watch;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, ConfigError, Rule, Rules};
+use crate::logging::RuleLogs;
+use queue::{RuleTask, SharedRule};
+use watch::{DONE_DIR, FAILED_DIR, FolderWatch, WORK_DIR, WatchError};
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("rule {rule}: {source}")]
+    Watch {
+        rule: String,
+        #[source]
+        source: WatchError,
+    },
+    #[error("rule {rule}: cannot create {folder}: {source}")]
+    Folder {
+        rule: String,
+        folder: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("log folder: {0}")]
+    Log(#[source] std::io::Error),
+    #[error("signal handler: {0}")]
+    Signal(#[source] std::io::Error),
+}
+
+/// A running rule.
+struct RuleHandle {
+    rule: SharedRule,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+    _watch: FolderWatch,
+}
+
+/// The daemon's state, owned by its main task.
+struct Daemon {
+    rules: Rules,
+    running: HashMap<String, RuleHandle>,
+    /// Tasks of removed rules, finishing their running jobs.
+    retiring: Vec<JoinHandle<()>>,
+    global: Arc<Semaphore>,
+    abort: Arc<AtomicBool>,
+    logs: RuleLogs,
+}
+
+impl Daemon {
+    /// Start watching for `rule` (its folder watch is armed when this returns).
+    fn start_rule(&mut self, rule: &Rule) -> Result<(), DaemonError> {
+        for sub in [WORK_DIR, DONE_DIR, FAILED_DIR] {
+            std::fs::create_dir_all(rule.watch.join(sub)).map_err(|source| {
+                DaemonError::Folder {
+                    rule: rule.name.clone(),
+                    folder: rule.watch.join(sub).display().to_string(),
+                    source,
+                }
+            })?;
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let folder_watch = watch::start(&rule.watch, rule.poll_interval, tx).map_err(|source| {
+            DaemonError::Watch {
+                rule: rule.name.clone(),
+                source,
+            }
+        })?;
+        let shared: SharedRule = Arc::new(RwLock::new(Arc::new(rule.clone())));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(
+            RuleTask {
+                rule: shared.clone(),
+                notices: rx,
+                global: self.global.clone(),
+                abort: self.abort.clone(),
+                stop: stop.clone(),
+            }
+            .run(),
+        );
+        tracing::info!(rule = %rule.name, folder = %rule.watch.display(), "watching");
+        self.running.insert(
+            rule.name.clone(),
+            RuleHandle {
+                rule: shared,
+                stop,
+                task,
+                _watch: folder_watch,
+            },
+        );
+        Ok(())
+    }
+
+    /// Stop taking manifests for `name`; its running jobs finish.
+    fn retire_rule(&mut self, name: &str) {
+        if let Some(h) = self.running.remove(name) {
+            h.stop.cancel();
+            self.retiring.push(h.task);
+        }
+    }
+
+    /// Stop claiming everywhere, give running jobs the grace period, then abort them.
+    async fn shutdown(mut self) {
+        let grace = self.rules.shutdown_grace;
+        let names: Vec<String> = self.running.keys().cloned().collect();
+        for name in names {
+            self.retire_rule(&name);
+        }
+        let mut tasks = std::mem::take(&mut self.retiring);
+        let all = async {
+            for t in &mut tasks {
+                let _ = t.await;
+            }
+        };
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!(
+                grace = %humantime::format_duration(grace),
+                "jobs still running after the grace period: aborting them"
+            );
+            self.abort.store(true, Ordering::Relaxed);
+            for t in tasks {
+                let _ = t.await;
+            }
+        }
+        tracing::info!("stopped");
+        self.logs.close();
+    }
+}
+
+/// Run the daemon on the rules file at `path` until SIGTERM/SIGINT.
+pub async fn run(path: &Path, logs: RuleLogs) -> Result<(), DaemonError> {
+    let rules = config::load(path)?;
+    logs.configure(&rules).map_err(DaemonError::Log)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
+    let mut daemon = Daemon {
+        global: Arc::new(Semaphore::new(rules.max_jobs)),
+        rules: rules.clone(),
+        running: HashMap::new(),
+        retiring: Vec::new(),
+        abort: Arc::new(AtomicBool::new(false)),
+        logs,
+    };
+    for rule in &rules.rules {
+        daemon.start_rule(rule)?;
+    }
+    let (file_tx, mut file_changed) = tokio::sync::mpsc::unbounded_channel();
+    let _rules_watch = reload::watch_rules_file(&rules.path, file_tx)
+        .map_err(|e| tracing::warn!(error = %e, "cannot watch the rules file: reload with SIGHUP"))
+        .ok();
+    // Every rule's folder is watched: tell systemd (a no-op outside systemd).
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    if let Some(every) = sd_notify::watchdog_enabled() {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every / 2);
+            loop {
+                tick.tick().await;
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        });
+    }
+    tracing::info!(
+        rules = rules.rules.len(),
+        max_jobs = rules.max_jobs,
+        "ready"
+    );
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = sighup.recv() => reload::reload(&mut daemon, "SIGHUP"),
+            Some(()) = file_changed.recv() => {
+                // Editors write in steps: let the file settle, then read it once.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                while file_changed.try_recv().is_ok() {}
+                reload::reload(&mut daemon, "the rules file changed");
+            }
+        }
+    }
+    tracing::info!("shutting down: no new manifests are taken");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    daemon.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,714 @@
+//! The daemon end to end: the real binary, real folders, real signals.
+
+mod support;
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::Write;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+
+#[test]
+fn drops_by_write_and_rename_json_and_yaml_ignored_names_untouched() {
+    let env = Env::new("    fsync: false\n");
+    env.data("a", b"hello ");
+    env.data("b", b"world");
+    let d = env.start();
+    let inbox = env.path("in");
+    // Written in place: taken on close.
+    fs::write(
+        inbox.join("w.json"),
+        r#"{"output":"w.bin","sources":["a","b"]}"#,
+    )
+    .unwrap();
+    // Renamed in, YAML.
+    env.drop_renamed("in", "y.yaml", "output: y.bin\nsources: [b, a]\n");
+    let ignored = [".hidden.json", "x.json.tmp", "x.json.part", "x.json~"];
+    for n in ignored {
+        fs::write(inbox.join(n), r#"{"output":"bad.bin","sources":["a"]}"#).unwrap();
+    }
+    wait_until(Duration::from_secs(10), || count_results(&inbox) == 2);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(fs::read(env.path("out/w.bin")).unwrap(), b"hello world");
+    assert_eq!(fs::read(env.path("out/y.bin")).unwrap(), b"worldhello ");
+    assert_eq!(
+        names(&inbox.join("done")),
+        [
+            "w.json",
+            "w.json.result.json",
+            "y.yaml",
+            "y.yaml.result.json"
+        ]
+    );
+    for n in ignored {
+        assert!(inbox.join(n).exists(), "{n} was taken");
+    }
+    assert!(!env.path("out/bad.bin").exists());
+    assert_eq!(count_results(&inbox), 2);
+    let r: Value =
+        serde_json::from_slice(&fs::read(inbox.join("done/w.json.result.json")).unwrap()).unwrap();
+    assert_eq!(r["status"], "succeeded");
+    assert_eq!(r["manifest"], "w.json");
+    assert_eq!(r["size"], 11);
+    assert_eq!(r["blake3"], blake3::hash(b"hello world").to_hex().as_str());
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn a_manifest_being_written_is_not_taken_before_close() {
+    let env = Env::new("    fsync: false\n");
+    env.data("a", b"abc");
+    let _d = env.start();
+    let inbox = env.path("in");
+    let text = br#"{"output":"slow.bin","sources":["a","a"]}"#;
+    let mut f = fs::File::create(inbox.join("slow.json")).unwrap();
+    f.write_all(&text[..10]).unwrap();
+    f.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(inbox.join("slow.json").exists(), "taken while still open");
+    wait_until(Duration::from_secs(5), || {
+        names(&inbox.join(".work")).is_empty()
+    });
+    f.write_all(&text[10..]).unwrap();
+    drop(f);
+    wait_until(Duration::from_secs(10), || count_results(&inbox) == 1);
+    assert_eq!(fs::read(env.path("out/slow.bin")).unwrap(), b"abcabc");
+    assert_eq!(results(&inbox)[0]["status"], "succeeded");
+}
+
+/// Drop `n` manifests (renamed in); manifest i writes `o/i.bin` from source `s{i % 10}`.
+fn drop_many(env: &Env, n: usize) -> Vec<Vec<u8>> {
+    let sources: Vec<Vec<u8>> = (0..10)
+        .map(|i| format!("source {i}\n").repeat(50).into_bytes())
+        .collect();
+    for (i, s) in sources.iter().enumerate() {
+        env.data(&format!("s{i}"), s);
+    }
+    for i in 0..n {
+        env.drop_renamed(
+            "in",
+            &format!("m{i:04}.json"),
+            &format!(r#"{{"output":"o/{i}.bin","sources":["s{}"]}}"#, i % 10),
+        );
+    }
+    sources
+}
+
+fn check_many(env: &Env, n: usize, sources: &[Vec<u8>]) {
+    let inbox = env.path("in");
+    let all = results(&inbox);
+    assert_eq!(all.len(), n);
+    let ok = all.iter().filter(|r| r["status"] == "succeeded").count();
+    assert_eq!(
+        ok, n,
+        "every job ran once (a second run would fail output_exists)"
+    );
+    let ids: HashSet<&str> = all.iter().map(|r| r["job_id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), n);
+    let manifests: HashSet<&str> = all
+        .iter()
+        .map(|r| r["manifest"].as_str().unwrap())
+        .collect();
+    assert_eq!(manifests.len(), n);
+    for i in 0..n {
+        assert_eq!(
+            fs::read(env.path(&format!("out/o/{i}.bin"))).unwrap(),
+            sources[i % 10]
+        );
+    }
+    assert_eq!(
+        names(&env.path("out/o")).len(),
+        2 * n,
+        "outputs and sidecars only"
+    );
+    wait_until(Duration::from_secs(5), || {
+        names(&inbox.join(".work")).is_empty()
+    });
+    assert_eq!(names(&inbox.join("done")).len(), 2 * n);
+    assert!(names(&inbox.join("failed")).is_empty());
+}
+
+#[test]
+fn five_hundred_manifests_at_once_each_done_exactly_once() {
+    let env = Env::new("    fsync: false\n    concurrency: 2\n");
+    let d = env.start();
+    let sources = drop_many(&env, 500);
+    wait_until(Duration::from_secs(40), || {
+        count_results(&env.path("in")) >= 500
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    check_many(&env, 500, &sources);
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn two_daemons_on_one_folder_run_each_manifest_once() {
+    let env = Env::new("    fsync: false\n");
+    let a = env.start_named("a");
+    let b = env.start_named("b");
+    let sources = drop_many(&env, 200);
+    wait_until(Duration::from_secs(40), || {
+        count_results(&env.path("in")) >= 200
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    check_many(&env, 200, &sources);
+    // Both took a share (not a requirement, but two idle daemons racing should).
+    let claimed = |d: &Daemon| d.log().matches(" claimed").count();
+    assert_eq!(claimed(&a) + claimed(&b), 200);
+    assert_eq!(a.stop(), 0);
+    assert_eq!(b.stop(), 0);
+}
+
+/// Sources for a job that takes a while: `n` files of 64 KiB; their concatenation.
+fn big_job(env: &Env, n: usize) -> (String, Vec<u8>) {
+    let mut expected = Vec::new();
+    let mut list = Vec::new();
+    for i in 0..n {
+        let chunk: Vec<u8> = (0..65536u32)
+            .map(|j| (j.wrapping_mul(31) ^ i as u32) as u8)
+            .collect();
+        env.data(&format!("p{i}"), &chunk);
+        expected.extend_from_slice(&chunk);
+        list.push(format!("\"p{i}\""));
+    }
+    (
+        format!(
+            r#"{{"output":"big/out.bin","sources":[{}]}}"#,
+            list.join(",")
+        ),
+        expected,
+    )
+}
+
+#[test]
+fn kill_9_during_a_large_job_then_restart_gives_one_complete_result() {
+    let env = Env::new("    write_mode: pwrite\n");
+    let (manifest, expected) = big_job(&env, 1500);
+    let d = env.start();
+    env.drop_renamed("in", "big.json", &manifest);
+    // Kill once the job is under way: its temporary output exists.
+    wait_until(Duration::from_secs(10), || {
+        !temps_in(&env.path("out")).is_empty() || count_results(&env.path("in")) > 0
+    });
+    let caught_mid_job = !temps_in(&env.path("out")).is_empty();
+    d.kill9();
+    assert!(caught_mid_job, "the job finished before it could be killed");
+    assert_eq!(count_results(&env.path("in")), 0);
+    assert_eq!(names(&env.path("in/.work")).len(), 1, "left claimed");
+    let d = env.start();
+    wait_until(Duration::from_secs(20), || {
+        count_results(&env.path("in")) == 1
+    });
+    let r = &results(&env.path("in"))[0];
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert_eq!(fs::read(env.path("out/big/out.bin")).unwrap(), expected);
+    assert!(temps_in(&env.path("out")).is_empty());
+    wait_until(Duration::from_secs(5), || {
+        names(&env.path("in/.work")).is_empty()
+    });
+    assert_eq!(d.stop(), 0);
+    assert_eq!(count_results(&env.path("in")), 1);
+}
+
+#[test]
+fn a_crash_between_publish_and_result_is_filed_as_success_not_output_exists() {
+    // The state a kill -9 leaves after the output's rename and before the result: the output
+    // and its sidecar temp in place, the journal and the manifest in the job folder.
+    let env = Env::new("");
+    env.data("a", b"published bytes");
+    let id = "01a2000000007000800000000000abcd";
+    let job = env.path("in/.work").join(id);
+    fs::create_dir_all(&job).unwrap();
+    fs::write(job.join("p.json"), r#"{"output":"p.bin","sources":["a"]}"#).unwrap();
+    let out = env.path("out/p.bin");
+    fs::write(&out, b"published bytes").unwrap();
+    let hash = blake3::hash(b"published bytes").to_hex().to_string();
+    let sidecar_temp = env.path(&format!("out/.concatd-{id}.b3.tmp"));
+    fs::write(&sidecar_temp, format!("{hash}  p.bin\n")).unwrap();
+    let meta = fs::metadata(&out).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let journal = serde_json::json!({
+        "output": out, "dev": meta.dev(), "ino": meta.ino(), "size": 15,
+        "blake3": hash, "sources": 1, "started_at": "2026-01-01T00:00:00Z"
+    });
+    fs::write(job.join("publish.json"), journal.to_string()).unwrap();
+    // A second interrupted job that never published: rerun, its temp removed.
+    let id2 = "01a2000000007000800000000000abce";
+    let job2 = env.path("in/.work").join(id2);
+    fs::create_dir_all(&job2).unwrap();
+    fs::write(
+        job2.join("q.json"),
+        r#"{"output":"q.bin","sources":["a","a"]}"#,
+    )
+    .unwrap();
+    fs::write(env.path(&format!("out/.concatd-{id2}.tmp")), b"partial").unwrap();
+    let d = env.start();
+    wait_until(Duration::from_secs(10), || {
+        count_results(&env.path("in")) == 2
+    });
+    let p: Value =
+        serde_json::from_slice(&fs::read(env.path("in/done/p.json.result.json")).unwrap()).unwrap();
+    assert_eq!(p["status"], "succeeded", "{p}");
+    assert_eq!(p["job_id"], id);
+    assert_eq!(p["blake3"], hash.as_str());
+    assert_eq!(
+        fs::read_to_string(env.path("out/p.bin.b3")).unwrap(),
+        format!("{hash}  p.bin\n")
+    );
+    let q: Value =
+        serde_json::from_slice(&fs::read(env.path("in/done/q.json.result.json")).unwrap()).unwrap();
+    assert_eq!(q["status"], "succeeded", "{q}");
+    assert_eq!(q["job_id"], id2);
+    assert_eq!(
+        fs::read(env.path("out/q.bin")).unwrap(),
+        b"published bytespublished bytes"
+    );
+    assert!(temps_in(&env.path("out")).is_empty());
+    wait_until(Duration::from_secs(5), || {
+        names(&env.path("in/.work")).is_empty()
+    });
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn sigterm_aborts_after_grace_and_the_next_start_finishes_the_job() {
+    let env = Env::new("    write_mode: pwrite\n");
+    let (manifest, expected) = big_job(&env, 1500);
+    let text = fs::read_to_string(env.rules())
+        .unwrap()
+        .replace("shutdown_grace: 10s", "shutdown_grace: 0s");
+    env.write_rules(&text);
+    let d = env.start();
+    env.drop_renamed("in", "big.json", &manifest);
+    wait_until(Duration::from_secs(10), || {
+        !temps_in(&env.path("out")).is_empty() || count_results(&env.path("in")) > 0
+    });
+    assert_eq!(d.stop(), 0);
+    if count_results(&env.path("in")) == 0 {
+        // Aborted: nothing published, nothing partial, the manifest still claimed.
+        assert!(!env.path("out/big/out.bin").exists());
+        assert!(temps_in(&env.path("out")).is_empty());
+        assert_eq!(names(&env.path("in/.work")).len(), 1);
+    }
+    let d = env.start();
+    wait_until(Duration::from_secs(20), || {
+        count_results(&env.path("in")) == 1
+    });
+    assert_eq!(results(&env.path("in"))[0]["status"], "succeeded");
+    assert_eq!(fs::read(env.path("out/big/out.bin")).unwrap(), expected);
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn manifests_dropped_while_down_are_taken_at_start() {
+    let env = Env::new("    fsync: false\n");
+    env.data("a", b"x");
+    let d = env.start();
+    assert_eq!(d.stop(), 0);
+    for i in 0..3 {
+        env.drop_renamed(
+            "in",
+            &format!("d{i}.json"),
+            &format!(r#"{{"output":"d{i}","sources":["a"]}}"#),
+        );
+    }
+    let d = env.start();
+    wait_until(Duration::from_secs(10), || {
+        count_results(&env.path("in")) == 3
+    });
+    for i in 0..3 {
+        assert_eq!(fs::read(env.path(&format!("out/d{i}"))).unwrap(), b"x");
+    }
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn sighup_adds_and_removes_rules_and_an_invalid_file_is_kept_out() {
+    let env = Env::new("    fsync: false\n");
+    env.data("a", b"A");
+    let d = env.start();
+    let both = format!(
+        "log_dir: logs\nrules:\n{}{}",
+        rule("r1", "in", "    fsync: false\n"),
+        rule("r2", "in2", "    fsync: false\n")
+    );
+    env.write_rules(&both);
+    d.signal("HUP");
+    wait_until(Duration::from_secs(10), || {
+        d.log().contains("added=[\"r2\"]")
+    });
+    env.drop_renamed("in2", "n.json", r#"{"output":"n.bin","sources":["a"]}"#);
+    wait_until(Duration::from_secs(10), || {
+        count_results(&env.path("in2")) == 1
+    });
+    assert_eq!(results(&env.path("in2"))[0]["rule"], "r2");
+    assert!(env.path("logs/r2.log").exists());
+
+    // An invalid file: refused, both rules keep running.
+    env.write_rules(&format!("{both}bogus_key: 1\n"));
+    d.signal("HUP");
+    wait_until(Duration::from_secs(10), || d.log().contains("refused"));
+    assert!(d.log().contains("bogus_key"), "the error names the key");
+    env.drop_renamed("in", "k.json", r#"{"output":"k.bin","sources":["a"]}"#);
+    wait_until(Duration::from_secs(10), || {
+        count_results(&env.path("in")) == 1
+    });
+
+    // r1 removed: its folder is no longer taken from.
+    env.write_rules(&format!("log_dir: logs\nrules:\n{}", rule("r2", "in2", "")));
+    d.signal("HUP");
+    wait_until(Duration::from_secs(10), || {
+        d.log().contains("removed=[\"r1\"]")
+    });
+    env.drop_renamed(
+        "in",
+        "late.json",
+        r#"{"output":"late.bin","sources":["a"]}"#,
+    );
+    env.drop_renamed("in2", "m.json", r#"{"output":"m.bin","sources":["a"]}"#);
+    wait_until(Duration::from_secs(10), || {
+        count_results(&env.path("in2")) == 2
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(env.path("in/late.json").exists());
+    assert_eq!(count_results(&env.path("in")), 1);
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn submit_wait_exit_codes_and_timeout() {
+    let env = Env::new("    fsync: false\n");
+    env.data("a", b"S");
+    let m = env.path("m.json");
+    // No daemon yet: --wait times out with exit 1.
+    fs::write(&m, r#"{"output":"s1.bin","sources":["a"]}"#).unwrap();
+    let out = env
+        .concatd()
+        .args([
+            "submit",
+            "-c",
+            "rules.yaml",
+            "--rule",
+            "r1",
+            "--wait",
+            "--timeout",
+            "300ms",
+        ])
+        .arg(&m)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("timed out"));
+    let d = env.start();
+    wait_until(Duration::from_secs(10), || {
+        count_results(&env.path("in")) == 1
+    });
+    // Same name again: filed with a suffix, and --wait finds its own result.
+    fs::write(&m, r#"{"output":"s2.bin","sources":["a","a"]}"#).unwrap();
+    let out = env
+        .concatd()
+        .args([
+            "submit",
+            "-c",
+            "rules.yaml",
+            "--rule",
+            "r1",
+            "--wait",
+            "--timeout",
+            "10s",
+        ])
+        .arg(&m)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["status"], "succeeded");
+    assert!(r["output"].as_str().unwrap().ends_with("s2.bin"));
+    assert!(env.path("in/done/m-1.json.result.json").exists());
+    // A failing job: exit 1, the failed result printed.
+    fs::write(&m, r#"{"output":"s3.bin","sources":["missing"]}"#).unwrap();
+    let out = env
+        .concatd()
+        .args(["submit", "-c", "rules.yaml", "--rule", "r1", "--wait"])
+        .arg(&m)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["error"]["kind"], "source_not_found");
+    // status --json counts them.
+    let out = env
+        .concatd()
+        .args(["status", "-c", "rules.yaml", "--json"])
+        .output()
+        .unwrap();
+    let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r1 = &s["rules"][0];
+    assert_eq!(r1["name"], "r1");
+    assert_eq!(
+        (r1["waiting"].as_u64(), r1["running"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert_eq!(
+        (r1["done"].as_u64(), r1["failed"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(r1["latest"].as_array().unwrap().len(), 3);
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn the_rule_log_holds_every_job_id_and_logs_prints_it() {
+    let env = Env::new("    fsync: false\n");
+    env.data("a", b"L");
+    let d = env.start();
+    for i in 0..3 {
+        env.drop_renamed(
+            "in",
+            &format!("l{i}.json"),
+            &format!(r#"{{"output":"l{i}","sources":["a"]}}"#),
+        );
+    }
+    env.drop_renamed("in", "bad.json", r#"{"output":"l0","sources":["a"]}"#);
+    wait_until(Duration::from_secs(10), || {
+        count_results(&env.path("in")) == 4
+    });
+    assert_eq!(d.stop(), 0); // flushes the log
+    let log = fs::read_to_string(env.path("logs/r1.log")).unwrap();
+    for r in results(&env.path("in")) {
+        let id = r["job_id"].as_str().unwrap();
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(id)).collect();
+        assert!(lines.iter().any(|l| l.contains("claimed")), "{id}: {log}");
+        assert!(lines.iter().any(|l| l.contains("result filed")), "{id}");
+        if r["status"] == "succeeded" {
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l.contains("published") && l.contains("mib_per_s="))
+            );
+        } else {
+            assert!(lines.iter().any(|l| l.contains("output_exists")));
+        }
+    }
+    let out = env
+        .concatd()
+        .args(["logs", "-c", "rules.yaml", "r1", "-n", "2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let last: Vec<&str> = log.lines().rev().take(2).collect();
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        last.into_iter().rev().collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_polling_rule_takes_a_file_once_it_holds_still() {
+    let env = Env::new("    fsync: false\n    poll_interval: 100ms\n");
+    env.data("a", b"P");
+    let d = env.start();
+    fs::write(
+        env.path("in/p.json"),
+        r#"{"output":"p.bin","sources":["a","a"]}"#,
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(10), || {
+        count_results(&env.path("in")) == 1
+    });
+    assert_eq!(fs::read(env.path("out/p.bin")).unwrap(), b"PP");
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn logs_follow_goes_on_across_rotation() {
+    let env = Env::new("");
+    let live = env.path("logs/r1.log");
+    fs::write(&live, "one\ntwo\nthree\n").unwrap();
+    let mut child = env
+        .concatd()
+        .args(["logs", "-c", "rules.yaml", "r1", "-f", "-n", "2"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    // Rotate as the daemon does: a last line to the old file, rename, a new live file.
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&live)
+        .unwrap()
+        .write_all(b"four\n")
+        .unwrap();
+    fs::rename(&live, env.path("logs/r1.log.2026-01-01")).unwrap();
+    fs::write(&live, "five\n").unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "two\nthree\nfour\nfive\n"
+    );
+}
+
+#[test]
+fn saving_the_rules_file_reloads_without_a_signal() {
+    let env = Env::new("    fsync: false\n");
+    env.data("a", b"E");
+    let d = env.start();
+    env.write_rules(&format!(
+        "log_dir: logs\nrules:\n{}{}",
+        rule("r1", "in", "    fsync: false\n"),
+        rule("r2", "in2", "    fsync: false\n")
+    ));
+    wait_until(Duration::from_secs(10), || {
+        d.log().contains("added=[\"r2\"]")
+    });
+    env.drop_renamed("in2", "e.json", r#"{"output":"e.bin","sources":["a"]}"#);
+    wait_until(Duration::from_secs(10), || {
+        count_results(&env.path("in2")) == 1
+    });
+    assert_eq!(fs::read(env.path("out/e.bin")).unwrap(), b"E");
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn jobs_run_in_arrival_order_under_the_global_cap() {
+    let env = Env::new("    concurrency: 2\n");
+    env.write_rules(&format!(
+        "log_dir: logs\nmax_jobs: 1\nrules:\n{}{}",
+        rule("r1", "in", "    concurrency: 2\n"),
+        rule("r2", "in2", "    concurrency: 2\n")
+    ));
+    env.data("a", &vec![7u8; 1 << 20]);
+    let d = env.start();
+    // Names in reverse alphabetical order, alternating rules.
+    let mut order = Vec::new();
+    for i in (0..12).rev() {
+        for folder in ["in", "in2"] {
+            let name = format!("j{i:02}.json");
+            let out = format!("{folder}-{i}.bin");
+            env.drop_renamed(
+                folder,
+                &name,
+                &format!(r#"{{"output":"{out}","sources":["a"]}}"#),
+            );
+            order.push((folder, name));
+        }
+    }
+    wait_until(Duration::from_secs(30), || {
+        count_results(&env.path("in")) + count_results(&env.path("in2")) == 24
+    });
+    let mut all: Vec<Value> = results(&env.path("in"));
+    all.extend(results(&env.path("in2")));
+    assert!(all.iter().all(|r| r["status"] == "succeeded"));
+    // max_jobs 1: no two jobs overlap (times are truncated to ms, so touching ends are fine).
+    let span = |r: &Value| {
+        (
+            r["started_at"].as_str().unwrap().to_owned(),
+            r["finished_at"].as_str().unwrap().to_owned(),
+        )
+    };
+    for (i, a) in all.iter().enumerate() {
+        for b in &all[i + 1..] {
+            let ((s1, f1), (s2, f2)) = (span(a), span(b));
+            assert!(!(s1 < f2 && s2 < f1), "overlap: {a} {b}");
+        }
+    }
+    // Within a rule, started in the order dropped.
+    for (rule, folder) in [("r1", "in"), ("r2", "in2")] {
+        let mut mine: Vec<&Value> = all.iter().filter(|r| r["rule"] == rule).collect();
+        mine.sort_by_key(|r| span(r).0);
+        let started: Vec<&str> = mine
+            .iter()
+            .map(|r| r["manifest"].as_str().unwrap())
+            .collect();
+        let dropped: Vec<&str> = order
+            .iter()
+            .filter(|(f, _)| *f == folder)
+            .map(|(_, n)| n.as_str())
+            .collect();
+        assert_eq!(started, dropped);
+    }
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn an_edited_rule_applies_to_jobs_claimed_after_the_reload() {
+    let env = Env::new("    fsync: false\n");
+    env.data("a", b"R");
+    let d = env.start();
+    env.drop_renamed(
+        "in",
+        "before.json",
+        r#"{"output":"before.bin","sources":["a"]}"#,
+    );
+    wait_until(Duration::from_secs(10), || {
+        count_results(&env.path("in")) == 1
+    });
+    assert!(env.path("out/before.bin.b3").exists());
+    env.write_rules(&format!(
+        "log_dir: logs\nrules:\n{}",
+        rule("r1", "in", "    fsync: false\n    checksum_file: false\n")
+    ));
+    d.signal("HUP");
+    wait_until(Duration::from_secs(10), || {
+        d.log().contains("changed=[\"r1\"]")
+    });
+    env.drop_renamed(
+        "in",
+        "after.json",
+        r#"{"output":"after.bin","sources":["a"]}"#,
+    );
+    wait_until(Duration::from_secs(10), || {
+        count_results(&env.path("in")) == 2
+    });
+    assert_eq!(fs::read(env.path("out/after.bin")).unwrap(), b"R");
+    assert!(!env.path("out/after.bin.b3").exists());
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn systemd_hears_ready_then_watchdog_keep_alives() {
+    let env = Env::new("");
+    let socket_path = env.path("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin!("concatd"))
+        .args(["run", "-c"])
+        .arg(env.rules())
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "200000")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut heard = Vec::new();
+    let mut buf = [0u8; 256];
+    while heard
+        .iter()
+        .filter(|m: &&String| m.contains("WATCHDOG=1"))
+        .count()
+        < 2
+    {
+        let n = socket.recv(&mut buf).expect("a notification");
+        heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(heard[0].contains("READY=1"), "{heard:?}");
+    // READY comes after the rule was set up (its folders exist, its watch is armed).
+    assert!(env.path("in/.work").is_dir());
+    std::process::Command::new("kill")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}

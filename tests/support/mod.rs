@@ -1,0 +1,202 @@
+//! Helpers of the daemon tests: a scratch installation, the daemon as a child process, waits.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub fn bin() -> PathBuf {
+    assert_cmd::cargo::cargo_bin!("concatd").to_path_buf()
+}
+
+/// A scratch installation: `in/`, `out/`, `data/`, `logs/`, and `rules.yaml`.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new(rule_extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["in", "out", "data", "logs", "in2"] {
+            fs::create_dir(dir.path().join(d)).unwrap();
+        }
+        let env = Self { dir };
+        env.write_rules(&format!(
+            "log_dir: logs\nshutdown_grace: 10s\nrules:\n{}",
+            rule("r1", "in", rule_extra)
+        ));
+        env
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    pub fn rules(&self) -> PathBuf {
+        self.path("rules.yaml")
+    }
+
+    pub fn write_rules(&self, text: &str) {
+        let temp = self.path(".rules.yaml.tmp");
+        fs::write(&temp, text).unwrap();
+        fs::rename(temp, self.rules()).unwrap();
+    }
+
+    pub fn data(&self, name: &str, bytes: &[u8]) {
+        fs::write(self.path("data").join(name), bytes).unwrap();
+    }
+
+    /// Drop a manifest by writing it elsewhere and renaming it in.
+    pub fn drop_renamed(&self, folder: &str, name: &str, text: &str) {
+        let temp = self.path(folder).join(format!(".{name}.part"));
+        fs::write(&temp, text).unwrap();
+        fs::rename(temp, self.path(folder).join(name)).unwrap();
+    }
+
+    pub fn start(&self) -> Daemon {
+        self.start_named("daemon")
+    }
+
+    pub fn start_named(&self, label: &str) -> Daemon {
+        let stderr = self.path(&format!("{label}.stderr"));
+        let child = Command::new(bin())
+            .args(["run", "-c"])
+            .arg(self.rules())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        let d = Daemon { child, stderr };
+        wait_until(Duration::from_secs(10), || d.log().contains(" ready"));
+        d
+    }
+
+    pub fn concatd(&self) -> Command {
+        let mut c = Command::new(bin());
+        c.current_dir(self.dir.path());
+        c
+    }
+}
+
+pub fn rule(name: &str, watch: &str, extra: &str) -> String {
+    format!(
+        "  - name: {name}\n    watch: {watch}\n    output_root: out\n    source_root: data\n{extra}"
+    )
+}
+
+pub struct Daemon {
+    pub child: Child,
+    pub stderr: PathBuf,
+}
+
+impl Daemon {
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig}");
+    }
+
+    /// SIGTERM and wait; the exit code.
+    pub fn stop(mut self) -> i32 {
+        self.signal("TERM");
+        let code = self.child.wait().unwrap().code().unwrap_or(-1);
+        std::mem::forget(self);
+        code
+    }
+
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < limit,
+            "condition not met within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Every result file under `<watch>/done` and `<watch>/failed`.
+pub fn results(watch: &Path) -> Vec<Value> {
+    let mut all = Vec::new();
+    for sub in ["done", "failed"] {
+        for n in names(&watch.join(sub)) {
+            if n.ends_with(".result.json") {
+                let text = fs::read(watch.join(sub).join(n)).unwrap();
+                all.push(serde_json::from_slice(&text).unwrap());
+            }
+        }
+    }
+    all
+}
+
+pub fn count_results(watch: &Path) -> usize {
+    ["done", "failed"]
+        .iter()
+        .map(|s| {
+            names(&watch.join(s))
+                .iter()
+                .filter(|n| n.ends_with(".result.json"))
+                .count()
+        })
+        .sum()
+}
+
+pub fn temps_in(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in walk(dir) {
+        let n = e.file_name().unwrap().to_string_lossy().into_owned();
+        if n.starts_with(".concatd-") {
+            found.push(n);
+        }
+    }
+    found
+}
+
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
