@@ -20,6 +20,8 @@ pub struct Plan {
     pub list_pins: Vec<Pin>,
     /// Some source carries its own `blake3`.
     pub source_hashes: bool,
+    /// Some source is remote (HTTP(S) or S3).
+    pub remote: bool,
 }
 
 impl Plan {
@@ -115,6 +117,7 @@ pub fn build(
                 tracing::info!(source = n, location = %spec.location, bytes = len, "source planned");
             }
             plan.source_hashes |= spec.blake3.is_some();
+            plan.remote |= matches!(spec.location, Location::Url(_));
             plan.ends.push(plan.total);
             plan.pins.push(probe.pin);
             Ok(())
