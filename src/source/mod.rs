@@ -90,7 +90,7 @@ impl SourceError {
 pub enum Reader {
     Local(LocalFile),
     /// One ranged transfer of an HTTP(S) or S3 object: read it in order.
-    Remote(RemoteReader),
+    Remote(Box<RemoteReader>),
 }
 
 impl Reader {
@@ -162,7 +162,10 @@ impl Sources {
     ) -> Result<Reader, SourceError> {
         match location {
             Location::Path(p) => self.local.open(p, pin).map(Reader::Local),
-            Location::Url(u) => self.remote(u)?.open(u, pin, range).map(Reader::Remote),
+            Location::Url(u) => self
+                .remote(u)?
+                .open(u, pin, range)
+                .map(|r| Reader::Remote(Box::new(r))),
         }
     }
 

@@ -189,6 +189,8 @@ struct State {
     pos: u64,
     /// Received but not yet handed out.
     pending: Bytes,
+    /// Failed attempts of this transfer after it was opened.
+    failures: u32,
 }
 
 /// One ranged transfer of a remote source, read in order.
@@ -231,6 +233,7 @@ impl RemoteReader {
                 body,
                 pos: range.start,
                 pending: Bytes::new(),
+                failures: 0,
             }),
         })
     }
@@ -251,9 +254,6 @@ impl RemoteReader {
 
     async fn fill(&self, st: &mut State, buf: &mut [u8]) -> Result<usize, SourceError> {
         let mut n = 0;
-        // Consecutive failures without a byte of progress; a transfer that keeps moving is never
-        // given up on, one that stalls is after `attempts`.
-        let mut failures = 0;
         while n < buf.len() && st.pos < self.end {
             if !st.pending.is_empty() {
                 let take = st.pending.len().min(buf.len() - n);
@@ -262,37 +262,39 @@ impl RemoteReader {
                 st.pos += take as u64;
                 continue;
             }
-            let Some(body) = st.body.as_mut() else {
+            let idle = self.settings.idle_timeout;
+            let reason = match st.body.as_mut() {
                 // Resume from the last byte received, still pinned to the planned version.
-                let range = st.pos..self.end;
-                st.body = Some(
-                    with_retries(&self.settings, &self.what, || {
-                        self.target.get(&self.what, &self.version, range.clone())
-                    })
-                    .await?,
-                );
-                continue;
-            };
-            let reason = match tokio::time::timeout(self.settings.idle_timeout, body.next()).await {
-                Ok(Some(Ok(bytes))) => {
-                    let left = self.end - st.pos;
-                    if bytes.len() as u64 > left {
-                        return Err(self.protocol("sent more bytes than the range asked for"));
+                None => {
+                    let get = self.target.get(&self.what, &self.version, st.pos..self.end);
+                    match tokio::time::timeout(idle, get).await {
+                        Ok(Ok(body)) => {
+                            st.body = Some(body);
+                            continue;
+                        }
+                        Ok(Err(Failure::Permanent(e))) => return Err(e),
+                        Ok(Err(Failure::Transient(reason))) => reason,
+                        Err(_) => format!("no answer within {idle:?}"),
                     }
-                    failures = 0;
-                    st.pending = bytes;
-                    continue;
                 }
-                Ok(Some(Err(e))) => format!("transfer broke at byte {}: {e}", st.pos),
-                Ok(None) => format!("connection closed early, at byte {}", st.pos),
-                Err(_) => format!(
-                    "no data for {:?} at byte {}",
-                    self.settings.idle_timeout, st.pos
-                ),
+                Some(body) => match tokio::time::timeout(idle, body.next()).await {
+                    Ok(Some(Ok(bytes))) => {
+                        if bytes.len() as u64 > self.end - st.pos {
+                            return Err(self.protocol("sent more bytes than the range asked for"));
+                        }
+                        st.pending = bytes;
+                        continue;
+                    }
+                    Ok(Some(Err(e))) => format!("transfer broke at byte {}: {e}", st.pos),
+                    Ok(None) => format!("connection closed early, at byte {}", st.pos),
+                    Err(_) => format!("timed out: no data for {idle:?} at byte {}", st.pos),
+                },
             };
             st.body = None;
-            failures += 1;
-            give_up_or_wait(&self.settings, &self.what, failures, reason).await?;
+            // Bounded per transfer (one ranged request of at most `chunk_size`): a server that
+            // keeps breaking is given up on even if each attempt brings a few bytes.
+            st.failures += 1;
+            give_up_or_wait(&self.settings, &self.what, st.failures, reason).await?;
         }
         if st.pos == self.end
             && let Some(mut body) = st.body.take()
