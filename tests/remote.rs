@@ -152,6 +152,10 @@ fn handle(mut stream: TcpStream, store: &Store, port: u16) -> std::io::Result<()
         return Ok(());
     };
     let len = obj.data.len();
+    if head && kind == "nohead" {
+        let _ = respond(&mut stream, "405 Method Not Allowed", &[], b"");
+        return Ok(());
+    }
     if head {
         let mut hs = vec![
             ("ETag", obj.etag.clone()),
@@ -337,6 +341,7 @@ fn http_job(server: &Server) -> Job {
         "slow",
         "forbidden",
         "nolen",
+        "nohead",
     ];
     let urls: Vec<String> = kinds.iter().map(|k| server.url(&format!("{k}/"))).collect();
     Job::new(&urls, "")
@@ -384,6 +389,16 @@ fn http_dropped_connection_resumes_from_the_last_byte() {
     assert_eq!(r["status"], "succeeded", "{r}");
     assert_eq!(job.output(), body);
     assert_eq!(server.store.hits.lock().unwrap()["GET /drop/d.bin"], 2);
+}
+
+#[test]
+fn http_without_head_sizes_by_a_ranged_get() {
+    let server = Server::start();
+    server.put("h.bin", data(70_000, 15));
+    let job = http_job(&server);
+    let r = job.run(serde_json::json!([server.url("nohead/h.bin")]));
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert_eq!(job.output(), data(70_000, 15));
 }
 
 #[test]

@@ -91,6 +91,9 @@ impl HttpClient {
     pub async fn head(&self, url: &Url, what: &str) -> Result<Version, Failure> {
         let response = self.send(Method::HEAD, url, what, HeaderMap::new()).await?;
         let status = response.status();
+        if matches!(status.as_u16(), 405 | 501) {
+            return self.head_by_get(url, what).await;
+        }
         if !status.is_success() {
             return Err(status_failure(what, status));
         }
@@ -110,6 +113,41 @@ impl HttpClient {
         Ok(Version {
             size,
             etag,
+            last_modified: text(h, header::LAST_MODIFIED),
+            version_id: None,
+        })
+    }
+
+    /// For servers without HEAD: `GET` of the first byte; the size is the total of its
+    /// `Content-Range`.
+    async fn head_by_get(&self, url: &Url, what: &str) -> Result<Version, Failure> {
+        let mut headers = HeaderMap::new();
+        insert(&mut headers, header::RANGE, "bytes=0-0");
+        let response = self.send(Method::GET, url, what, headers).await?;
+        let status = response.status();
+        let h = response.headers();
+        let size = match status {
+            StatusCode::PARTIAL_CONTENT => text(h, header::CONTENT_RANGE)
+                .as_deref()
+                .and_then(parse_content_range)
+                .and_then(|(_, _, total)| total),
+            // An empty object answers a range with 416 (nothing satisfies it).
+            StatusCode::RANGE_NOT_SATISFIABLE => text(h, header::CONTENT_RANGE)
+                .and_then(|v| v.strip_prefix("bytes */")?.parse().ok()),
+            s if s.is_success() => None,
+            s => return Err(status_failure(what, s)),
+        };
+        let size = size.ok_or_else(|| {
+            permanent_remote(
+                what,
+                "HEAD is not supported and a ranged GET reports no size: sources of unknown \
+                 size are not supported"
+                    .into(),
+            )
+        })?;
+        Ok(Version {
+            size,
+            etag: text(h, header::ETAG).filter(|e| e.starts_with('"')),
             last_modified: text(h, header::LAST_MODIFIED),
             version_id: None,
         })

@@ -320,3 +320,35 @@ impl Drop for Remote {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The daemon runs jobs on tokio's blocking pool: the job's own runtime must start, block and
+    /// shut down there without "runtime within a runtime" panics.
+    #[test]
+    fn remote_sources_work_from_a_blocking_task_of_another_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener); // connections to it are refused from now on
+        let text = format!(
+            "log_dir: l\nrules:\n  - name: a\n    watch: .\n    output_root: .\n    allow:\n      urls: [\"http://127.0.0.1:{port}/\"]\n    remote:\n      attempts: 1\n"
+        );
+        let rules = crate::config::parse(&text, &dir.path().join("r.yaml"), dir.path()).unwrap();
+        let rule = rules.rules[0].clone();
+        let outer = tokio::runtime::Runtime::new().unwrap();
+        let err = outer.block_on(async move {
+            tokio::task::spawn_blocking(move || {
+                let sources = Sources::new(&rule).unwrap();
+                let url = Location::Url(format!("http://127.0.0.1:{port}/x"));
+                sources.probe(&url).unwrap_err()
+            })
+            .await
+            .unwrap()
+        });
+        assert!(matches!(err, SourceError::Remote { .. }), "{err}");
+        assert!(err.to_string().contains("1 attempt"), "{err}");
+    }
+}
