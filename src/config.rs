@@ -487,6 +487,8 @@ impl Validator<'_> {
                         "allow.urls",
                         format!("'{u}' must start with http://, https:// or s3://"),
                     );
+                } else if let Err(e) = crate::source::policy::UrlPolicy::new(&[u.clone()]) {
+                    self.issue(r, "allow.urls", e.0);
                 }
             }
             allow.urls = a.urls;
@@ -718,11 +720,12 @@ mod tests {
     #[test]
     fn remote_bad_values_are_reported_by_key() {
         let err = one_rule(
-            "    remote:\n      connect_timeout: 0s\n      idle_timeout: soon\n      attempts: 0\n      parallel: 1000\n      chunk_size: 3MB\n      colour: red\n",
+            "    allow:\n      urls: [\"https://\"]\n    remote:\n      connect_timeout: 0s\n      idle_timeout: soon\n      attempts: 0\n      parallel: 1000\n      chunk_size: 3MB\n      colour: red\n",
         )
         .unwrap_err();
         let all = issues(err).join("\n");
         for key in [
+            "allow.urls",
             "remote.connect_timeout",
             "remote.idle_timeout",
             "remote.attempts",
