@@ -487,7 +487,9 @@ impl Validator<'_> {
                         "allow.urls",
                         format!("'{u}' must start with http://, https:// or s3://"),
                     );
-                } else if let Err(e) = crate::source::policy::UrlPolicy::new(&[u.clone()]) {
+                } else if let Err(e) =
+                    crate::source::policy::UrlPolicy::new(std::slice::from_ref(u))
+                {
                     self.issue(r, "allow.urls", e.0);
                 }
             }
