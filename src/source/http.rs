@@ -95,7 +95,7 @@ impl HttpClient {
             return self.head_by_get(url, what).await;
         }
         if !status.is_success() {
-            return Err(status_failure(what, status));
+            return Err(busy_or(status_failure(what, status), response.headers()));
         }
         let h = response.headers();
         // Read the header itself: for a HEAD, the body length reqwest reports is always 0.
@@ -135,7 +135,7 @@ impl HttpClient {
             StatusCode::RANGE_NOT_SATISFIABLE => text(h, header::CONTENT_RANGE)
                 .and_then(|v| v.strip_prefix("bytes */")?.parse().ok()),
             s if s.is_success() => None,
-            s => return Err(status_failure(what, s)),
+            s => return Err(busy_or(status_failure(what, s), h)),
         };
         let size = size.ok_or_else(|| {
             permanent_remote(
@@ -232,7 +232,7 @@ impl HttpClient {
             StatusCode::RANGE_NOT_SATISFIABLE => {
                 return Err(changed(what, "the planned range is no longer there".into()));
             }
-            s => return Err(status_failure(what, s)),
+            s => return Err(busy_or(status_failure(what, s), h)),
         }
         if let Some(len) = length
             && len != range.end - range.start
@@ -272,6 +272,19 @@ fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
         t => Some(t.parse().ok()?),
     };
     (last >= start).then_some((start, last + 1, total))
+}
+
+/// A retryable failure becomes `Busy` when the server said how long to wait (`Retry-After` in
+/// seconds; the HTTP-date form is treated as absent).
+fn busy_or(failure: Failure, h: &HeaderMap) -> Failure {
+    let retry_after = text(h, header::RETRY_AFTER).and_then(|v| v.parse::<u64>().ok());
+    match (failure, retry_after) {
+        (Failure::Transient(reason), Some(secs)) => Failure::Busy {
+            reason,
+            retry_after: std::time::Duration::from_secs(secs),
+        },
+        (f, _) => f,
+    }
 }
 
 fn changed(what: &str, reason: String) -> Failure {
@@ -342,9 +355,25 @@ mod tests {
     }
 
     #[test]
+    fn retry_after_seconds_become_a_wait_hint() {
+        let mut h = HeaderMap::new();
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+        let busy = busy_or(status_failure("u", StatusCode::TOO_MANY_REQUESTS), &h);
+        assert!(matches!(busy, Failure::Busy { retry_after, .. } if retry_after.as_secs() == 2));
+        let not_found = busy_or(status_failure("u", StatusCode::NOT_FOUND), &h);
+        assert!(matches!(
+            not_found,
+            Failure::Permanent(SourceError::NotFound { .. })
+        ));
+        let h = HeaderMap::new();
+        let plain = busy_or(status_failure("u", StatusCode::SERVICE_UNAVAILABLE), &h);
+        assert!(matches!(plain, Failure::Transient(_)));
+    }
+
+    #[test]
     fn statuses() {
         let kind = |s: u16| match status_failure("u", StatusCode::from_u16(s).unwrap()) {
-            Failure::Transient(_) => "retry",
+            Failure::Transient(_) | Failure::Busy { .. } => "retry",
             Failure::Permanent(SourceError::NotFound { .. }) => "not_found",
             Failure::Permanent(SourceError::Changed { .. }) => "changed",
             Failure::Permanent(SourceError::Remote { reason, .. }) => {

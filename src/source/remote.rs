@@ -37,6 +37,11 @@ pub enum Failure {
     Permanent(SourceError),
     /// 5xx, 429, timeouts, dropped connections: retried with backoff.
     Transient(String),
+    /// 429/503 with `Retry-After`: retried, waiting at least that long (capped at 30 s).
+    Busy {
+        reason: String,
+        retry_after: Duration,
+    },
 }
 
 /// A response body being received.
@@ -149,12 +154,19 @@ where
             Ok(Err(Failure::Permanent(e))) => return Err(e),
             Ok(Err(Failure::Transient(reason))) => {
                 failures += 1;
-                give_up_or_wait(settings, what, failures, reason).await?;
+                give_up_or_wait(settings, what, failures, reason, None).await?;
+            }
+            Ok(Err(Failure::Busy {
+                reason,
+                retry_after,
+            })) => {
+                failures += 1;
+                give_up_or_wait(settings, what, failures, reason, Some(retry_after)).await?;
             }
             Err(_) => {
                 failures += 1;
                 let reason = format!("no answer within {:?}", settings.idle_timeout);
-                give_up_or_wait(settings, what, failures, reason).await?;
+                give_up_or_wait(settings, what, failures, reason, None).await?;
             }
         }
     }
@@ -165,6 +177,7 @@ async fn give_up_or_wait(
     what: &str,
     failures: u32,
     reason: String,
+    retry_after: Option<Duration>,
 ) -> Result<(), SourceError> {
     if failures >= settings.attempts {
         return Err(SourceError::Remote {
@@ -172,7 +185,8 @@ async fn give_up_or_wait(
             reason: format!("gave up after {failures} attempt(s); last: {reason}"),
         });
     }
-    let wait = backoff(settings.backoff, failures);
+    let hint = retry_after.map_or(Duration::ZERO, |d| d.min(Duration::from_secs(30)));
+    let wait = backoff(settings.backoff, failures).max(hint);
     tracing::warn!(
         source = what,
         attempt = failures,
@@ -274,6 +288,22 @@ impl RemoteReader {
                         }
                         Ok(Err(Failure::Permanent(e))) => return Err(e),
                         Ok(Err(Failure::Transient(reason))) => reason,
+                        Ok(Err(Failure::Busy {
+                            reason,
+                            retry_after,
+                        })) => {
+                            st.failures += 1;
+                            let n = st.failures;
+                            give_up_or_wait(
+                                &self.settings,
+                                &self.what,
+                                n,
+                                reason,
+                                Some(retry_after),
+                            )
+                            .await?;
+                            continue;
+                        }
                         Err(_) => format!("no answer within {idle:?}"),
                     }
                 }
@@ -294,7 +324,7 @@ impl RemoteReader {
             // Bounded per transfer (one ranged request of at most `chunk_size`): a server that
             // keeps breaking is given up on even if each attempt brings a few bytes.
             st.failures += 1;
-            give_up_or_wait(&self.settings, &self.what, st.failures, reason).await?;
+            give_up_or_wait(&self.settings, &self.what, st.failures, reason, None).await?;
         }
         if st.pos == self.end
             && let Some(mut body) = st.body.take()

@@ -188,12 +188,14 @@ fn http_without_head_sizes_by_a_ranged_get() {
 }
 
 #[test]
-fn http_503_then_200_is_retried() {
+fn http_503_then_200_is_retried_after_the_pause_asked() {
     let server = Server::start();
     server.put("f.bin", data(1000, 3));
     let job = http_job(&server);
     let r = job.run(serde_json::json!([server.url("flaky/f.bin")]));
     assert_eq!(r["status"], "succeeded", "{r}");
+    // Retry-After: 1 on the HEAD and on the GET was honoured.
+    assert!(r["duration_ms"].as_u64().unwrap() >= 1900, "{r}");
     assert_eq!(job.output(), data(1000, 3));
 }
 

@@ -113,8 +113,10 @@ fn handle(mut stream: TcpStream, store: &Store, port: u16) -> std::io::Result<()
     let head = method == "HEAD";
     match kind {
         "always503" => return respond(&mut stream, "503 Service Unavailable", &[], b""),
+        // 503 once per method and path, asking for a 1 s pause.
         "flaky" if hit == 1 => {
-            return respond(&mut stream, "503 Service Unavailable", &[], b"");
+            let wait = [("Retry-After", "1".to_owned())];
+            return respond(&mut stream, "503 Service Unavailable", &wait, b"");
         }
         "forbidden" => return respond(&mut stream, "403 Forbidden", &[], b""),
         "redirect-out" => {
