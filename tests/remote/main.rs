@@ -332,6 +332,17 @@ fn http_404_403_unknown_size_and_disallowed_urls() {
 }
 
 #[test]
+fn https_to_a_plain_http_server_fails_the_handshake() {
+    // Exercises the rustls path: no certificate, no TLS at all on the other side.
+    let server = Server::start();
+    server.put("t.bin", data(100, 16));
+    let url = format!("https://127.0.0.1:{}/ok/t.bin", server.port);
+    let job = Job::new(&[format!("https://127.0.0.1:{}/ok/", server.port)], "");
+    let msg = job.fails(serde_json::json!([url]), "remote_failed");
+    assert!(msg.contains(&url), "{msg}");
+}
+
+#[test]
 fn http_checks_declared_size_and_blake3() {
     let server = Server::start();
     server.put("k.bin", data(4096, 9));
