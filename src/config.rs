@@ -14,6 +14,11 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
+mod remote;
+
+use remote::RawRemote;
+pub use remote::RemoteConfig;
+
 /// Default and ceiling of `max_output_size`: 50 TiB.
 pub const DEFAULT_MAX_OUTPUT_SIZE: u64 = 50 << 40;
 
@@ -104,6 +109,7 @@ pub struct Rule {
     /// Poll the folder at this interval instead of using inotify (network filesystems).
     pub poll_interval: Option<Duration>,
     pub s3: Option<S3Config>,
+    pub remote: RemoteConfig,
 }
 
 /// The validated rules file.
@@ -198,6 +204,7 @@ struct RawRule {
     concurrency: Option<u64>,
     poll_interval: Option<String>,
     s3: Option<RawS3>,
+    remote: Option<RawRemote>,
     #[serde(flatten)]
     unknown: BTreeMap<String, IgnoredAny>,
 }
@@ -442,6 +449,10 @@ impl Validator<'_> {
                         "allow.urls",
                         format!("'{u}' must start with http://, https:// or s3://"),
                     );
+                } else if let Err(e) =
+                    crate::source::policy::UrlPolicy::new(std::slice::from_ref(u))
+                {
+                    self.issue(r, "allow.urls", e.0);
                 }
             }
             allow.urls = a.urls;
@@ -488,6 +499,10 @@ impl Validator<'_> {
                 path_style: s.path_style.unwrap_or(false),
             }
         });
+        let remote = raw
+            .remote
+            .map(|raw| self.remote(r, raw))
+            .unwrap_or_default();
         Rule {
             name,
             watch,
@@ -502,6 +517,7 @@ impl Validator<'_> {
             concurrency,
             poll_interval,
             s3,
+            remote,
         }
     }
 }

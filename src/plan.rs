@@ -22,6 +22,8 @@ pub struct Plan {
     pub list_pins: Vec<Pin>,
     /// Some source carries its own `blake3`.
     pub source_hashes: bool,
+    /// Some source is remote (HTTP(S) or S3).
+    pub remote: bool,
 }
 
 impl Plan {
@@ -184,6 +186,7 @@ impl Plan {
             tracing::info!(source = n, location = %spec.location, bytes = len, "source planned");
         }
         self.source_hashes |= spec.blake3.is_some();
+        self.remote |= matches!(spec.location, Location::Url(_));
         self.ends.push(self.total);
         self.pins.push(probe.pin);
         Ok(())

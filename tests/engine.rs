@@ -625,6 +625,7 @@ fn source_truncated_during_the_job_is_source_changed() {
         .args(["--rule", "t"])
         .arg(&m)
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let started = std::time::Instant::now();

@@ -25,8 +25,8 @@ use crate::output::{OutputError, is_no_space};
 use crate::plan::Plan;
 use crate::source::{Pin, Reader, SourceError, Sources};
 
-/// Largest piece of output one worker copies and hashes as a unit.
-const MAX_PIECE: u64 = 4 << 20;
+/// Largest piece of output one worker copies and hashes as a unit (local sources).
+pub(super) const MAX_PIECE: u64 = 4 << 20;
 /// Pieces holding more sources than this are split (down to one 1 KiB chunk).
 const MAX_SEGMENTS: u64 = 1024;
 /// Bytes read, hashed and written at a time: small enough to stay in the CPU cache between the
@@ -50,6 +50,11 @@ struct Work {
 /// The copy pass of one job.
 pub(super) struct Copy<'a> {
     pub plan: &'a Plan,
+    /// Worker threads (each holds at most one source open, so for remote sources this is the
+    /// number of requests in flight).
+    pub workers: usize,
+    /// Largest piece; for remote sources, the bytes of one ranged request.
+    pub max_piece: u64,
     pub manifest: &'a Manifest,
     pub sources: &'a Sources,
     pub out: &'a File,
@@ -76,6 +81,13 @@ impl Shared {
     }
 }
 
+/// Workers for local sources: one per core.
+pub(super) fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 16)
+}
+
 impl Copy<'_> {
     /// Copy every source into the output; return the output's BLAKE3.
     pub fn run(&self) -> Result<blake3::Hash, JobError> {
@@ -83,9 +95,7 @@ impl Copy<'_> {
         if total == 0 {
             return Ok(blake3::hash(b""));
         }
-        let workers = std::thread::available_parallelism()
-            .map_or(2, |n| n.get())
-            .clamp(1, 16);
+        let workers = self.workers.max(1);
         let (tx, rx) = sync_channel::<Work>(workers * 2);
         let rx = Mutex::new(rx);
         let shared = Shared {
@@ -119,7 +129,7 @@ impl Copy<'_> {
     /// Walk the sources again and hand out pieces with the ranges that fill them.
     fn produce(&self, tx: SyncSender<Work>, shared: &Shared) -> Result<(), JobError> {
         let plan = self.plan;
-        let mut pieces = Pieces::new(plan.total, MAX_PIECE, |start, len| {
+        let mut pieces = Pieces::new(plan.total, self.max_piece, |start, len| {
             plan.sources_in(start, len) > MAX_SEGMENTS
         });
         let mut current = pieces.next();
@@ -384,10 +394,7 @@ fn read_some(reader: &Reader, seg: &Segment, buf: &mut [u8], done: u64) -> Resul
             Err(e) => {
                 return Err(JobError::Source {
                     number: seg.number,
-                    source: SourceError::ReadFailed {
-                        what: seg.location.to_string(),
-                        source: e,
-                    },
+                    source: SourceError::from_read(seg.location.to_string(), e),
                 });
             }
         }

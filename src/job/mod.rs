@@ -66,6 +66,8 @@ impl JobError {
                 SourceError::NotRegular { .. } => ErrorKind::SourceNotRegular,
                 SourceError::ReadFailed { .. } => ErrorKind::SourceReadFailed,
                 SourceError::Changed { .. } => ErrorKind::SourceChanged,
+                SourceError::Archived { .. } => ErrorKind::SourceArchived,
+                SourceError::Remote { .. } => ErrorKind::RemoteFailed,
             },
             Self::SizeMismatch { .. } => ErrorKind::SizeMismatch,
             Self::ChecksumMismatch { .. } => ErrorKind::ChecksumMismatch,
@@ -232,8 +234,17 @@ fn execute(ctx: &JobContext, manifest_path: &Path) -> Result<Outcome, JobError> 
         tracing::warn!(job_id = %ctx.job_id, "filesystem cannot fallocate: using pwrite, not mmap");
         mode = crate::config::WriteMode::Pwrite;
     }
+    // Remote sources: as many workers as ranged requests wanted in flight, and pieces of the
+    // configured chunk size (one request each); local-only jobs keep the measured defaults.
+    let (workers, max_piece) = if plan.remote {
+        (rule.remote.parallel, rule.remote.chunk_size)
+    } else {
+        (copy::default_workers(), copy::MAX_PIECE)
+    };
     let copy = copy::Copy {
         plan: &plan,
+        workers,
+        max_piece,
         manifest: &manifest,
         sources: &sources,
         out: temp.file(),
