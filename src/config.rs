@@ -348,12 +348,13 @@ impl Validator<'_> {
             self.issue(None, "rules", "no rules: add at least one");
         }
         let mut names = HashSet::new();
-        let rules = raw
+        let rules: Vec<Rule> = raw
             .rules
             .into_iter()
             .enumerate()
             .map(|(i, r)| self.rule(i, r, &mut names))
             .collect();
+        self.overlaps(&rules);
         Rules {
             path: PathBuf::new(),
             log_dir,
@@ -362,6 +363,44 @@ impl Validator<'_> {
             max_jobs,
             shutdown_grace,
             rules,
+        }
+    }
+
+    /// A watch folder must belong to one rule, and must not receive outputs: a published output
+    /// (or its `.b3`) landing in a watched folder would be taken as a manifest.
+    fn overlaps(&mut self, rules: &[Rule]) {
+        let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        for (i, rule) in rules.iter().enumerate() {
+            let watch = canonical(&rule.watch);
+            let label = format!("'{}'", rule.name);
+            for (j, other) in rules.iter().enumerate() {
+                if watch.starts_with(canonical(&other.output_root)) {
+                    let whose = if i == j {
+                        "its own output_root".to_owned()
+                    } else {
+                        format!("the output_root of rule '{}'", other.name)
+                    };
+                    self.issue(
+                        Some(&label),
+                        "watch",
+                        format!(
+                            "{} lies inside {whose}: outputs would be taken as manifests",
+                            rule.watch.display()
+                        ),
+                    );
+                }
+                if j < i && watch == canonical(&other.watch) {
+                    self.issue(
+                        Some(&label),
+                        "watch",
+                        format!(
+                            "{} is also watched by rule '{}'",
+                            rule.watch.display(),
+                            other.name
+                        ),
+                    );
+                }
+            }
         }
     }
 
@@ -485,11 +524,16 @@ impl Validator<'_> {
             }),
         };
         let concurrency = self.positive(r, "concurrency", raw.concurrency, 1);
-        let poll_interval = raw.poll_interval.map(|t| {
-            parse_duration(&t).unwrap_or_else(|m| {
+        let poll_interval = raw.poll_interval.map(|t| match parse_duration(&t) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.issue(r, "poll_interval", "must be longer than 0s");
+                Duration::from_secs(1)
+            }
+            Err(m) => {
                 self.issue(r, "poll_interval", m);
                 Duration::from_secs(1)
-            })
+            }
         });
         let s3 = raw.s3.map(|s| {
             self.unknown(r, "s3.", s.unknown);
@@ -570,6 +614,28 @@ mod tests {
             "{all}"
         );
         assert!(all.contains("key 'write_mode'"), "{all}");
+    }
+
+    #[test]
+    fn watch_folders_may_not_receive_outputs_or_be_shared() {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["out/in", "a", "b"] {
+            std::fs::create_dir_all(dir.path().join(d)).unwrap();
+        }
+        let text = "log_dir: logs\nrules:\n  - name: x\n    watch: out/in\n    output_root: out\n  - name: y\n    watch: a\n    output_root: b\n  - name: z\n    watch: a\n    output_root: b\n    poll_interval: 0s\n";
+        let all = issues(parse_in(dir.path(), text).unwrap_err()).join("\n");
+        assert!(
+            all.contains("rule 'x': key 'watch'") && all.contains("its own output_root"),
+            "{all}"
+        );
+        assert!(
+            all.contains("rule 'z': key 'watch'") && all.contains("also watched by rule 'y'"),
+            "{all}"
+        );
+        assert!(
+            all.contains("rule 'z': key 'poll_interval': must be longer than 0s"),
+            "{all}"
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! Temporary names are `.concatd-<job id>.tmp` (and `.concatd-<job id>.b3.tmp`), so whoever knows a
 //! job's id — the daemon recovering after a crash — can find and remove them.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
@@ -55,8 +55,8 @@ pub fn sidecar_temp_name(job_id: &str) -> String {
     format!(".concatd-{job_id}.b3.tmp")
 }
 
-fn sidecar_name(name: &OsString) -> OsString {
-    let mut b3 = name.clone();
+fn sidecar_name(name: &OsStr) -> OsString {
+    let mut b3 = name.to_owned();
     b3.push(".b3");
     b3
 }
@@ -66,6 +66,9 @@ pub struct OutputTarget {
     dir: OwnedFd,
     name: OsString,
     path: PathBuf,
+    /// Folders holding a folder this target created: their new entries must be made durable
+    /// along with the output.
+    created_in: Vec<OwnedFd>,
 }
 
 impl OutputTarget {
@@ -107,13 +110,15 @@ impl OutputTarget {
         )
         .map_err(|e| io("opening output_root", e))?;
         let mut path = root.to_path_buf();
+        let mut created_in = Vec::new();
         for part in parts {
             path.push(part);
-            match rustix::fs::mkdirat(&dir, part, Mode::from_raw_mode(0o755)) {
-                Ok(()) | Err(Errno::EXIST) => {}
+            let created = match rustix::fs::mkdirat(&dir, part, Mode::from_raw_mode(0o755)) {
+                Ok(()) => true,
+                Err(Errno::EXIST) => false,
                 Err(e) => return Err(io("creating parent folder", e)),
-            }
-            dir = rustix::fs::openat2(
+            };
+            let child = rustix::fs::openat2(
                 &dir,
                 part,
                 OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -127,12 +132,17 @@ impl OutputTarget {
                 },
                 e => io("opening parent folder", e),
             })?;
+            let parent = std::mem::replace(&mut dir, child);
+            if created {
+                created_in.push(parent);
+            }
         }
         path.push(name);
         Ok(Self {
             dir,
             name: name.to_owned(),
             path,
+            created_in,
         })
     }
 
@@ -141,9 +151,16 @@ impl OutputTarget {
         &self.path
     }
 
-    /// Whether something (file, symlink, anything) is at the output path.
-    pub fn exists(&self) -> bool {
-        rustix::fs::statat(&self.dir, &self.name, AtFlags::SYMLINK_NOFOLLOW).is_ok()
+    /// What is already at the output path, or at its `.b3` sidecar's path when `sidecar`
+    /// (anything: file, symlink, folder), if something is.
+    pub fn existing(&self, sidecar: bool) -> Option<PathBuf> {
+        let taken =
+            |name: &OsStr| rustix::fs::statat(&self.dir, name, AtFlags::SYMLINK_NOFOLLOW).is_ok();
+        if taken(&self.name) {
+            return Some(self.path.clone());
+        }
+        let b3 = sidecar_name(&self.name);
+        (sidecar && taken(&b3)).then(|| self.path.with_file_name(b3))
     }
 
     /// Create the temporary file for job `job_id` and allocate `size` bytes for it.
@@ -184,18 +201,24 @@ impl OutputTarget {
     }
 
     fn fail_io(&self, action: &'static str, e: std::io::Error) -> OutputError {
-        if is_no_space(&e) {
-            OutputError::NoSpace {
-                path: self.path.clone(),
-                action,
-                source: e,
-            }
-        } else {
-            OutputError::Io {
-                path: self.path.clone(),
-                action,
-                source: e,
-            }
+        io_error(&self.path, action, e)
+    }
+}
+
+/// An I/O failure on the output at `path`: [`OutputError::NoSpace`] when the disk is full.
+pub fn io_error(path: &Path, action: &'static str, source: std::io::Error) -> OutputError {
+    let path = path.to_owned();
+    if is_no_space(&source) {
+        OutputError::NoSpace {
+            path,
+            action,
+            source,
+        }
+    } else {
+        OutputError::Io {
+            path,
+            action,
+            source,
         }
     }
 }
@@ -265,21 +288,34 @@ impl TempOutput<'_> {
             Err(e) => return Err(t.fail("publishing (rename)", e)),
         }
         // Past the rename the output is visible; should the rest fail, take it back down when
-        // nothing was replaced, so a failed job never leaves an output behind.
-        let finish = || -> Result<(), OutputError> {
+        // nothing was replaced, so a failed job never leaves an output behind. Only what this
+        // job put in place is removed: an earlier `.b3` that refused to be replaced stays.
+        let mut sidecar_published = false;
+        let mut finish = || -> Result<(), OutputError> {
             if how.sidecar {
-                rustix::fs::renameat(&t.dir, sidecar_temp.as_str(), &t.dir, sidecar_name(&t.name))
-                    .map_err(|e| t.fail("publishing the .b3 sidecar", e))?;
+                let b3 = sidecar_name(&t.name);
+                match rustix::fs::renameat_with(&t.dir, sidecar_temp.as_str(), &t.dir, &b3, flags) {
+                    Ok(()) => sidecar_published = true,
+                    Err(Errno::EXIST) => {
+                        return Err(OutputError::Exists {
+                            path: t.path.with_file_name(b3),
+                        });
+                    }
+                    Err(e) => return Err(t.fail("publishing the .b3 sidecar", e)),
+                }
             }
             if how.fsync {
-                rustix::fs::fsync(&t.dir).map_err(|e| t.fail("syncing the output folder", e))?;
+                // The output's folder, and every folder this job created on the way to it.
+                for dir in std::iter::once(&t.dir).chain(t.created_in.iter().rev()) {
+                    rustix::fs::fsync(dir).map_err(|e| t.fail("syncing the output folder", e))?;
+                }
             }
             Ok(())
         };
         if let Err(e) = finish() {
             if !how.overwrite {
                 let _ = rustix::fs::unlinkat(&t.dir, &t.name, AtFlags::empty());
-                if how.sidecar {
+                if sidecar_published {
                     let _ = rustix::fs::unlinkat(&t.dir, sidecar_name(&t.name), AtFlags::empty());
                 }
             }

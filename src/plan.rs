@@ -46,6 +46,21 @@ impl Plan {
         self.pins[n as usize - 1]
     }
 
+    /// Opens the source lists again, in order, refusing any that is not the list planned: the
+    /// `open_list` argument of [`Manifest::for_each_source`] for the passes after planning.
+    pub fn reopen_lists<'a>(
+        &'a self,
+        sources: &'a Sources,
+    ) -> impl FnMut(&Location) -> Result<Box<dyn std::io::Read + Send>, JobError> + 'a {
+        let mut pins = self.list_pins.iter();
+        move |list| {
+            let (reader, _) = sources
+                .open_list(list, pins.next().copied())
+                .map_err(|source| JobError::List { source })?;
+            Ok(reader)
+        }
+    }
+
     /// How many sources contribute bytes to the output range `[start, start + len)`.
     pub fn sources_in(&self, start: u64, len: u64) -> u64 {
         let first = self.ends.partition_point(|&e| e <= start);

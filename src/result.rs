@@ -68,7 +68,7 @@ pub enum Status {
 pub struct ResultError {
     pub kind: ErrorKind,
     pub message: String,
-    /// Index (0-based, in manifest order across `sources` then `source_lists`) of the source at
+    /// Number (1-based, in manifest order across `sources` then `source_lists`) of the source at
     /// fault, when one is.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub source_index: Option<u64>,

@@ -104,7 +104,9 @@ impl Env {
     /// was there before must be untouched.
     fn fails(&self, name: &str, manifest: &str, kind: &str, output: &str) -> Value {
         let out = self.path("out").join(output);
+        let b3 = PathBuf::from(format!("{}.b3", out.display()));
         let before = std::fs::read(&out).ok();
+        let b3_before = std::fs::read(&b3).ok();
         let (code, r) = self.once(name, manifest);
         assert_eq!(code, 1, "{r:#}");
         assert_eq!(r["status"], "failed");
@@ -115,9 +117,7 @@ impl Env {
             "the message names the manifest: {message}"
         );
         assert_eq!(std::fs::read(&out).ok(), before, "output path changed");
-        if before.is_none() {
-            assert!(!Path::new(&format!("{}.b3", out.display())).exists());
-        }
+        assert_eq!(std::fs::read(&b3).ok(), b3_before, "sidecar path changed");
         assert_no_temp_files(&self.path("out"));
         r
     }
@@ -360,7 +360,8 @@ fn source_outside_allow_paths_absolute_relative_and_symlinked() {
 fn output_leaving_output_root() {
     let env = Env::new("");
     env.data("a", b"a");
-    for (i, out) in ["../escape", "/tmp/abs", "sub/../../escape"]
+    let abs = env.path("outside/abs").display().to_string();
+    for (i, out) in ["../escape", abs.as_str(), "sub/../../escape"]
         .iter()
         .enumerate()
     {
@@ -368,6 +369,7 @@ fn output_leaving_output_root() {
         env.fails(&format!("m{i}.json"), &m, "output_not_allowed", "o");
     }
     assert!(!env.path("escape").exists());
+    assert!(!env.path("outside/abs").exists());
 }
 
 #[test]
@@ -445,6 +447,22 @@ fn existing_output_is_never_clobbered() {
         "o",
     );
     assert_eq!(std::fs::read(env.path("out/o")).unwrap(), b"earlier file");
+    // The sidecar's name is taken too: by an earlier output called `p.b3`, say.
+    std::fs::write(env.path("out/p.b3"), b"earlier p.b3").unwrap();
+    let r = env.fails(
+        "m2.json",
+        r#"{"output":"p","sources":["a"]}"#,
+        "output_exists",
+        "p",
+    );
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("p.b3"),
+        "{r:#}"
+    );
+    assert_eq!(
+        std::fs::read(env.path("out/p.b3")).unwrap(),
+        b"earlier p.b3"
+    );
     // With overwrite, it is replaced (atomically).
     env.succeeds(
         r#"{"output":"o","sources":["a"],"overwrite":true}"#,
@@ -520,6 +538,11 @@ fn full_disk_is_no_space() {
         .map(|s| s.success())
         .unwrap_or(false);
     if !mounted {
+        // CI runs as root and must run this test; elsewhere it is skipped, loudly.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "cannot mount a tmpfs in CI"
+        );
         eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
         return;
     }

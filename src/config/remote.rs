@@ -155,10 +155,11 @@ mod tests {
     fn one_rule(extra: &str) -> Result<Rules, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("in")).unwrap();
+        std::fs::create_dir(dir.path().join("out")).unwrap();
         parse_in(
             dir.path(),
             &format!(
-                "log_dir: logs\nrules:\n  - name: a\n    watch: in\n    output_root: in\n{extra}"
+                "log_dir: logs\nrules:\n  - name: a\n    watch: in\n    output_root: out\n{extra}"
             ),
         )
     }

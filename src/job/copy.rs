@@ -21,7 +21,7 @@ use super::{JobContext, JobError};
 use crate::checksum::{NodeHash, Piece, PieceHasher, Pieces, TreeMerger};
 use crate::config::WriteMode;
 use crate::manifest::{Location, Manifest};
-use crate::output::{OutputError, is_no_space};
+use crate::output::io_error;
 use crate::plan::Plan;
 use crate::source::{Pin, Reader, SourceError, Sources};
 
@@ -103,9 +103,11 @@ impl Copy<'_> {
             failure: Mutex::new(None),
             stop: AtomicBool::new(false),
         };
+        // Workers log into the job's span, so their lines reach the rule's log too.
+        let span = tracing::Span::current();
         std::thread::scope(|s| {
             for _ in 0..workers {
-                s.spawn(|| self.worker(&rx, &shared));
+                s.spawn(|| span.in_scope(|| self.worker(&rx, &shared)));
             }
             if let Err(e) = self.produce(tx, &shared) {
                 shared.fail(e);
@@ -134,17 +136,9 @@ impl Copy<'_> {
         });
         let mut current = pieces.next();
         let mut segments = Vec::new();
-        let mut lists = plan.list_pins.iter();
-        let count = self.manifest.for_each_source(
-            |list: &Location| {
-                let pin = lists.next().copied();
-                let (reader, _) = self
-                    .sources
-                    .open_list(list, pin)
-                    .map_err(|source| JobError::List { source })?;
-                Ok(reader)
-            },
-            |n, spec| {
+        let count = self
+            .manifest
+            .for_each_source(plan.reopen_lists(self.sources), |n, spec| {
                 if n > plan.count() {
                     return Err(changed_lists());
                 }
@@ -181,8 +175,7 @@ impl Copy<'_> {
                     }
                 }
                 Ok(())
-            },
-        )?;
+            })?;
         if count != plan.count() || current.is_some() {
             return Err(changed_lists());
         }
@@ -367,20 +360,7 @@ impl Copy<'_> {
     }
 
     fn write_failed(&self, e: std::io::Error) -> JobError {
-        let path = self.out_path.to_owned();
-        JobError::Output(if is_no_space(&e) {
-            OutputError::NoSpace {
-                path,
-                action: "writing",
-                source: e,
-            }
-        } else {
-            OutputError::Io {
-                path,
-                action: "writing",
-                source: e,
-            }
-        })
+        JobError::Output(io_error(self.out_path, "writing", e))
     }
 }
 

@@ -209,11 +209,8 @@ fn execute(ctx: &JobContext, manifest_path: &Path) -> Result<Outcome, JobError> 
     }
     let target = OutputTarget::new(&rule.output_root, &manifest.output)?;
     let overwrite = manifest.overwrite.unwrap_or(rule.overwrite);
-    if !overwrite && target.exists() {
-        return Err(OutputError::Exists {
-            path: target.path().to_owned(),
-        }
-        .into());
+    if !overwrite && let Some(path) = target.existing(rule.checksum_file) {
+        return Err(OutputError::Exists { path }.into());
     }
     let sources = Sources::new(rule).map_err(|source| JobError::List { source })?;
     let plan = crate::plan::build(&manifest, &sources, rule.max_output_size)?;

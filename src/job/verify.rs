@@ -7,7 +7,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use super::JobError;
-use crate::manifest::{Location, Manifest};
+use crate::manifest::Manifest;
 use crate::plan::Plan;
 use crate::source::Sources;
 
@@ -19,45 +19,36 @@ pub(super) fn source_hashes(
     out: &File,
 ) -> Result<(), JobError> {
     let mut block = vec![0u8; 1 << 20];
-    let mut lists = plan.list_pins.iter();
-    manifest.for_each_source(
-        |list: &Location| {
-            let (reader, _) = sources
-                .open_list(list, lists.next().copied())
-                .map_err(|source| JobError::List { source })?;
-            Ok(reader)
-        },
-        |n, spec| {
-            let Some(want) = spec.blake3 else {
-                return Ok(());
-            };
-            let mut hasher = blake3::Hasher::new();
-            let (mut at, end) = (plan.start(n), plan.start(n) + plan.len(n));
-            while at < end {
-                let len = (end - at).min(block.len() as u64) as usize;
-                out.read_exact_at(&mut block[..len], at)
-                    .map_err(|e| JobError::Internal(format!("reading back the output: {e}")))?;
-                if len >= 128 << 10 {
-                    hasher.update_rayon(&block[..len]);
-                } else {
-                    hasher.update(&block[..len]);
-                }
-                at += len as u64;
+    manifest.for_each_source(plan.reopen_lists(sources), |n, spec| {
+        let Some(want) = spec.blake3 else {
+            return Ok(());
+        };
+        let mut hasher = blake3::Hasher::new();
+        let (mut at, end) = (plan.start(n), plan.start(n) + plan.len(n));
+        while at < end {
+            let len = (end - at).min(block.len() as u64) as usize;
+            out.read_exact_at(&mut block[..len], at)
+                .map_err(|e| JobError::Internal(format!("reading back the output: {e}")))?;
+            if len >= 128 << 10 {
+                hasher.update_rayon(&block[..len]);
+            } else {
+                hasher.update(&block[..len]);
             }
-            let got = hasher.finalize();
-            if got != want {
-                return Err(JobError::ChecksumMismatch {
-                    number: Some(n),
-                    message: format!(
-                        "source {n} ({}): expected blake3 {} got {}",
-                        spec.location,
-                        want.to_hex(),
-                        got.to_hex()
-                    ),
-                });
-            }
-            Ok(())
-        },
-    )?;
+            at += len as u64;
+        }
+        let got = hasher.finalize();
+        if got != want {
+            return Err(JobError::ChecksumMismatch {
+                number: Some(n),
+                message: format!(
+                    "source {n} ({}): expected blake3 {} got {}",
+                    spec.location,
+                    want.to_hex(),
+                    got.to_hex()
+                ),
+            });
+        }
+        Ok(())
+    })?;
     Ok(())
 }
