@@ -234,7 +234,7 @@ fn a_crash_between_publish_and_result_is_filed_as_success_not_output_exists() {
         "output": out, "dev": meta.dev(), "ino": meta.ino(), "size": 15,
         "blake3": hash, "sources": 1, "started_at": "2026-01-01T00:00:00Z"
     });
-    fs::write(job.join("publish.json"), journal.to_string()).unwrap();
+    fs::write(job.join(".publish.json"), journal.to_string()).unwrap();
     // A second interrupted job that never published: rerun, its temp removed.
     let id2 = "01a2000000007000800000000000abce";
     let job2 = env.path("in/.work").join(id2);
@@ -270,6 +270,61 @@ fn a_crash_between_publish_and_result_is_filed_as_success_not_output_exists() {
     wait_until(Duration::from_secs(5), || {
         names(&env.path("in/.work")).is_empty()
     });
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn manifests_named_publish_json_and_filing_are_done_with_their_own_contents() {
+    let env = Env::new("    fsync: false\n");
+    env.data("a", b"own");
+    let d = env.start();
+    let texts = [
+        ("publish.json", r#"{"output":"pj.bin","sources":["a"]}"#),
+        ("filing", r#"{"output":"fi.bin","sources":["a","a"]}"#),
+    ];
+    for (name, text) in texts {
+        env.drop_renamed("in", name, text);
+    }
+    wait_until(Duration::from_secs(10), || {
+        count_results(&env.path("in")) == 2
+    });
+    for (name, text) in texts {
+        assert_eq!(
+            fs::read_to_string(env.path("in/done").join(name)).unwrap(),
+            text,
+            "{name}"
+        );
+        let r: Value = serde_json::from_slice(
+            &fs::read(env.path("in/done").join(format!("{name}.result.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(r["status"], "succeeded", "{r}");
+        assert_eq!(r["manifest"], name);
+    }
+    assert_eq!(fs::read(env.path("out/pj.bin")).unwrap(), b"own");
+    assert_eq!(fs::read(env.path("out/fi.bin")).unwrap(), b"ownown");
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn a_crashed_job_of_a_manifest_named_publish_json_is_recovered_not_deleted() {
+    let env = Env::new("    fsync: false\n");
+    env.data("a", b"kept");
+    let job = env.path("in/.work/01a2000000007000800000000000abcf");
+    fs::create_dir_all(&job).unwrap();
+    let text = r#"{"output":"kept.bin","sources":["a"]}"#;
+    fs::write(job.join("publish.json"), text).unwrap();
+    let d = env.start();
+    wait_until(Duration::from_secs(10), || {
+        count_results(&env.path("in")) == 1
+    });
+    assert_eq!(
+        fs::read_to_string(env.path("in/done/publish.json")).unwrap(),
+        text
+    );
+    let r = &results(&env.path("in"))[0];
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert_eq!(fs::read(env.path("out/kept.bin")).unwrap(), b"kept");
     assert_eq!(d.stop(), 0);
 }
 
