@@ -92,7 +92,7 @@ pub fn run_item(item: Item, rule: &Rule, cancel: &AtomicBool) {
     };
     let manifest = dir.manifest();
     let result = catch_panic(rule, &dir.id, &manifest, || job::run(&ctx, &manifest));
-    if cancel.load(Ordering::Relaxed) && was_cancelled(&result) {
+    if was_cancelled(cancel, &result) {
         tracing::info!(
             job_id = %dir.id, manifest = %dir.name.to_string_lossy(),
             "cancelled at shutdown: left claimed for the next start"
@@ -102,11 +102,11 @@ pub fn run_item(item: Item, rule: &Rule, cancel: &AtomicBool) {
     file(dir, rule, &result);
 }
 
-fn was_cancelled(result: &JobResult) -> bool {
-    result
-        .error
-        .as_ref()
-        .is_some_and(|e| e.kind == ErrorKind::Internal && e.message.contains("cancelled"))
+/// A job that failed once the runner's cancel flag was set was aborted by the shutdown (however
+/// the abort surfaced): it is left claimed and rerun at the next start, never filed as failed.
+/// Decided from the flag, not from the result's message (which also holds the manifest's name).
+fn was_cancelled(cancel: &AtomicBool, result: &JobResult) -> bool {
+    cancel.load(Ordering::Relaxed) && !result.succeeded()
 }
 
 /// Run `job`; a panic becomes a failed result of kind `internal`, filed like any other (rather
@@ -230,5 +230,24 @@ mod tests {
         assert!(r.error.unwrap().message.ends_with("job panicked: at 7"));
         let ok = failed(ErrorKind::NoSpace, "m");
         assert_eq!(catch_panic(&rule, "j3", Path::new("m"), || ok.clone()), ok);
+    }
+
+    #[test]
+    fn cancelled_json_failing_is_decided_by_the_cancel_flag_not_the_message() {
+        let unset = AtomicBool::new(false);
+        let set = AtomicBool::new(true);
+        // The manifest's name in the message says "cancelled": not a cancel without the flag.
+        let named = failed(
+            ErrorKind::Internal,
+            "cancelled.json: internal error: recording the publish journal: EIO",
+        );
+        assert!(!was_cancelled(&unset, &named));
+        // Aborted at shutdown, whatever error the abort surfaced as: left claimed.
+        let aborted = failed(ErrorKind::SourceReadFailed, "m.json: source 1: read failed");
+        assert!(was_cancelled(&set, &aborted));
+        let mut ok = failed(ErrorKind::Internal, "");
+        ok.status = Status::Succeeded;
+        ok.error = None;
+        assert!(!was_cancelled(&set, &ok), "a published job is filed");
     }
 }
