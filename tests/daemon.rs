@@ -67,16 +67,23 @@ fn a_manifest_being_written_is_not_taken_before_close() {
     let mut f = fs::File::create(inbox.join("slow.json")).unwrap();
     f.write_all(&text[..10]).unwrap();
     f.flush().unwrap();
-    std::thread::sleep(Duration::from_millis(700));
+    // Half written and still open for a while: not taken (a claim would move it to .work/ and
+    // fail it as invalid_manifest).
+    std::thread::sleep(Duration::from_millis(1000));
     assert!(inbox.join("slow.json").exists(), "taken while still open");
-    wait_until(Duration::from_secs(5), || {
-        names(&inbox.join(".work")).is_empty()
-    });
+    assert!(names(&inbox.join(".work")).is_empty(), "claimed while open");
+    assert_eq!(count_results(&inbox), 0, "a result while still open");
     f.write_all(&text[10..]).unwrap();
     drop(f);
     wait_until(Duration::from_secs(10), || count_results(&inbox) == 1);
+    assert_eq!(
+        results(&inbox)[0]["status"],
+        "succeeded",
+        "{}",
+        results(&inbox)[0]
+    );
+    assert_eq!(fs::read(inbox.join("done/slow.json")).unwrap(), text);
     assert_eq!(fs::read(env.path("out/slow.bin")).unwrap(), b"abcabc");
-    assert_eq!(results(&inbox)[0]["status"], "succeeded");
 }
 
 /// Drop `n` manifests (renamed in); manifest i writes `o/i.bin` from source `s{i % 10}`.
@@ -338,16 +345,26 @@ fn sigterm_aborts_after_grace_and_the_next_start_finishes_the_job() {
     env.write_rules(&text);
     let d = env.start();
     env.drop_renamed("in", "big.json", &manifest);
+    // SIGTERM once the copy is under way: its temporary output exists (~100 MB to go).
     wait_until(Duration::from_secs(10), || {
         !temps_in(&env.path("out")).is_empty() || count_results(&env.path("in")) > 0
     });
+    assert!(
+        !temps_in(&env.path("out")).is_empty(),
+        "the job finished before it could be stopped"
+    );
+    let log = d.stderr.clone();
     assert_eq!(d.stop(), 0);
-    if count_results(&env.path("in")) == 0 {
-        // Aborted: nothing published, nothing partial, the manifest still claimed.
-        assert!(!env.path("out/big/out.bin").exists());
-        assert!(temps_in(&env.path("out")).is_empty());
-        assert_eq!(names(&env.path("in/.work")).len(), 1);
-    }
+    // Aborted: nothing published, nothing partial, no result, the manifest still claimed.
+    assert_eq!(count_results(&env.path("in")), 0, "the job was not aborted");
+    assert!(!env.path("out/big/out.bin").exists());
+    assert!(temps_in(&env.path("out")).is_empty());
+    assert_eq!(names(&env.path("in/.work")).len(), 1);
+    assert!(
+        fs::read_to_string(log)
+            .unwrap()
+            .contains("cancelled at shutdown")
+    );
     let d = env.start();
     wait_until(Duration::from_secs(20), || {
         count_results(&env.path("in")) == 1
