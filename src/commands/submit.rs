@@ -2,8 +2,9 @@
 //! result.
 //!
 //! The drop writes `.NAME.tmp` (ignored by the daemon), fsyncs it and renames it to `NAME` without
-//! replacing anything. The daemon moves that very file (claim, then a hard link into `done/` or
-//! `failed/`), so its inode identifies it there even when a unique suffix was added to its name.
+//! replacing anything. The daemon moves that very file (renamed into its job folder when claimed,
+//! then renamed into `done/` or `failed/`), so its inode identifies it there even when a unique
+//! suffix was added to its name.
 
 use std::ffi::OsStr;
 use std::io::Write;

@@ -10,7 +10,8 @@
 //! (when the rule asks for fsync) before the next:
 //! 1. the result is written to `.work/<id>/NAME.result.json` (temp file, fsync, rename);
 //! 2. `D` is picked, `NAME` or the first free `NAME` with a suffix (`stem-1.ext`…), and recorded
-//!    in `.work/<id>/filing`; the manifest is renamed to `done/D` (or `failed/D`) without
+//!    in `.work/<id>/.filing` (the daemon's own files start with `.`, which no manifest's name
+//!    can: see [`PUBLISH_JOURNAL`]); the manifest is renamed to `done/D` (or `failed/D`) without
 //!    replacing anything (`RENAME_NOREPLACE`: if `D` was taken meanwhile, the next one is tried);
 //! 3. the result is renamed to `done/D.result.json`;
 //! 4. the job folder is removed.
@@ -33,10 +34,12 @@ use super::watch::WORK_DIR;
 use crate::result::JobResult;
 
 /// The job's journal written just before the output is renamed into place (see `recover`).
-pub const PUBLISH_JOURNAL: &str = "publish.json";
+/// The daemon's own files in a job folder start with `.`: the watcher never takes such a name,
+/// so no claimed manifest can have it.
+pub const PUBLISH_JOURNAL: &str = ".publish.json";
 
 /// Where the manifest is being filed (step 2): the full path it is renamed to.
-pub const FILING_RECORD: &str = "filing";
+pub const FILING_RECORD: &str = ".filing";
 
 /// Why a claim or filing failed.
 #[derive(Debug, thiserror::Error)]
@@ -97,8 +100,10 @@ impl JobDir {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        // The manifest is the entry that is none of the daemon's own files. Once it has left
-        // (a filing record exists), the name is that of the result waiting to be filed.
+        // The manifest is the entry that is none of the daemon's own files (their names start
+        // with `.`, which no manifest's can; temp files end in `.tmp`, which no manifest's can
+        // either). Once it has left (a filing record exists), the name is that of the result
+        // waiting to be filed.
         let mut name = None;
         let mut result = None;
         let mut filing = false;
@@ -115,7 +120,7 @@ impl JobDir {
                 filing = true;
                 continue;
             }
-            if s == PUBLISH_JOURNAL || s.ends_with(".tmp") || s.starts_with('.') {
+            if s == PUBLISH_JOURNAL || s.starts_with('.') || s.ends_with(".tmp") {
                 continue;
             }
             // Of NAME and NAME.result.json, the shorter is the manifest.
@@ -355,6 +360,30 @@ mod tests {
                 .unwrap();
         assert_eq!(back, result);
         assert_eq!(std::fs::read_dir(watch.join(WORK_DIR)).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn manifests_named_like_the_daemons_files_keep_their_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let watch = dir.path();
+        let done = watch.join("done");
+        for (name, id) in [("filing", "j1"), ("publish.json", "j2")] {
+            std::fs::write(watch.join(name), name).unwrap();
+            let job = claim(watch, OsStr::new(name), id).unwrap().unwrap();
+            // The journal a job writes before publishing lands beside the manifest.
+            write_atomic(&job.journal(), b"journal", false).unwrap();
+            // A crash here: the folder is found again by name.
+            let path = job.path.clone();
+            drop(job);
+            let job = JobDir::lock_existing(&path).unwrap().unwrap();
+            assert_eq!(job.name, name);
+            let result: JobResult = serde_json::from_str(&format!(
+                r#"{{"status":"succeeded","rule":"r","manifest":"{name}","job_id":"{id}","started_at":"","finished_at":"","duration_ms":0}}"#
+            ))
+            .unwrap();
+            assert_eq!(file_result(job, &done, &result, false).unwrap(), name);
+            assert_eq!(std::fs::read_to_string(done.join(name)).unwrap(), name);
+        }
     }
 
     #[test]

@@ -107,7 +107,13 @@ impl RuleTask {
                 _ = sleep_until(rescan_at), if rescan_at.is_some() => {
                     rescan_at = rescan(&watch_dir, &mut queue).await;
                 }
-                Some(_) = running.join_next(), if !running.is_empty() => {}
+                Some(joined) = running.join_next(), if !running.is_empty() => {
+                    // `run_item` turns a job's panic into a failed result; anything else that
+                    // unwinds leaves the item in `.work/` for the next sweep.
+                    if let Err(e) = joined {
+                        tracing::error!(rule = %rule.name, error = %e, "job task failed");
+                    }
+                }
                 _ = sweep_tick.tick() => sweep(&watch_dir, &mut queue).await,
                 permit = self.global.clone().acquire_owned(), if can_start => {
                     let Ok(permit) = permit else { break };

@@ -3,9 +3,9 @@
 //! # Invariant: exactly one result per manifest
 //! - A manifest is in exactly one place: the watch folder (waiting), `.work/<id>/` (claimed, the
 //!   folder `flock`ed while a live daemon works on it), or `done/`/`failed/` *with* its result:
-//!   the result is durable in the job folder before the manifest is linked out, and the job folder
+//!   the result is durable in the job folder before the manifest is renamed out, and the job folder
 //!   goes only after both are filed (`claim::file_result`).
-//! - Before the job renames its output into place it durably records `publish.json` in its job
+//! - Before the job renames its output into place it durably records `.publish.json` in its job
 //!   folder: output path, device and inode of the finished temporary file, size, BLAKE3. A rename
 //!   keeps the inode, so after a crash "the output path holds that very inode" proves the job got
 //!   as far as publishing: it is filed as succeeded (sidecar moved into place if the crash came
@@ -26,7 +26,7 @@ use crate::config::Rule;
 use crate::job::PublishPoint;
 use crate::result::{JobResult, Status};
 
-/// What a job records just before publishing (`publish.json`).
+/// What a job records just before publishing (`.publish.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Journal {
     pub output: PathBuf,

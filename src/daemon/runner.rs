@@ -5,7 +5,8 @@
 //! the rule's log (see `logging`).
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::claim::{self, JobDir};
@@ -13,7 +14,7 @@ use super::recover::{self, Plan};
 use super::watch::{DONE_DIR, FAILED_DIR};
 use crate::config::Rule;
 use crate::job::{self, JobContext, PublishPoint};
-use crate::result::{ErrorKind, JobResult};
+use crate::result::{ErrorKind, JobResult, ResultError, Status};
 
 /// Work waiting in a rule's queue.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -89,8 +90,9 @@ pub fn run_item(item: Item, rule: &Rule, cancel: &AtomicBool) {
         progress: None,
         before_publish: Some(&hook),
     };
-    let result = job::run(&ctx, &dir.manifest());
-    if cancel.load(Ordering::Relaxed) && was_cancelled(&result) {
+    let manifest = dir.manifest();
+    let result = catch_panic(rule, &dir.id, &manifest, || job::run(&ctx, &manifest));
+    if was_cancelled(cancel, &result) {
         tracing::info!(
             job_id = %dir.id, manifest = %dir.name.to_string_lossy(),
             "cancelled at shutdown: left claimed for the next start"
@@ -100,11 +102,56 @@ pub fn run_item(item: Item, rule: &Rule, cancel: &AtomicBool) {
     file(dir, rule, &result);
 }
 
-fn was_cancelled(result: &JobResult) -> bool {
-    result
-        .error
-        .as_ref()
-        .is_some_and(|e| e.kind == ErrorKind::Internal && e.message.contains("cancelled"))
+/// A job that failed once the runner's cancel flag was set was aborted by the shutdown (however
+/// the abort surfaced): it is left claimed and rerun at the next start, never filed as failed.
+/// Decided from the flag, not from the result's message (which also holds the manifest's name).
+fn was_cancelled(cancel: &AtomicBool, result: &JobResult) -> bool {
+    cancel.load(Ordering::Relaxed) && !result.succeeded()
+}
+
+/// Run `job`; a panic becomes a failed result of kind `internal`, filed like any other (rather
+/// than no result at all, the lock released and the job rerun by every sweep).
+fn catch_panic(
+    rule: &Rule,
+    job_id: &str,
+    manifest: &Path,
+    job: impl FnOnce() -> JobResult,
+) -> JobResult {
+    let started = std::time::SystemTime::now();
+    let payload = match std::panic::catch_unwind(AssertUnwindSafe(job)) {
+        Ok(result) => return result,
+        Err(payload) => payload,
+    };
+    let why = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown cause".to_owned());
+    let name = manifest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    tracing::error!(job_id = %job_id, manifest = %name, panic = %why, "job panicked");
+    let stamp = |t| humantime::format_rfc3339_millis(t).to_string();
+    JobResult {
+        status: Status::Failed,
+        rule: rule.name.clone(),
+        manifest: name.clone(),
+        job_id: job_id.to_owned(),
+        output: None,
+        size: None,
+        blake3: None,
+        sources: None,
+        write_mode: Some(rule.write_mode.resolve().as_str().to_owned()),
+        started_at: stamp(started),
+        finished_at: stamp(std::time::SystemTime::now()),
+        duration_ms: started.elapsed().map_or(0, |d| d.as_millis() as u64),
+        error: Some(ResultError {
+            kind: ErrorKind::Internal,
+            message: format!("{name}: internal error: job panicked: {why}"),
+            source_index: None,
+        }),
+    }
 }
 
 fn file(dir: JobDir, rule: &Rule, result: &JobResult) {
@@ -125,5 +172,82 @@ fn file(dir: JobDir, rule: &Rule, result: &JobResult) {
             job_id = %id, manifest = %manifest, error = %e,
             "cannot file the result: left in .work/ for the next start"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule() -> Rule {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "log_dir: logs\nrules:\n  - name: r\n    watch: in\n    output_root: out\n";
+        std::fs::create_dir(dir.path().join("in")).unwrap();
+        std::fs::create_dir(dir.path().join("out")).unwrap();
+        let rules = crate::config::parse(text, &dir.path().join("rules.yaml"), dir.path()).unwrap();
+        rules.rules[0].clone()
+    }
+
+    fn failed(kind: ErrorKind, message: &str) -> JobResult {
+        JobResult {
+            status: Status::Failed,
+            rule: "r".into(),
+            manifest: "cancelled.json".into(),
+            job_id: "j".into(),
+            output: None,
+            size: None,
+            blake3: None,
+            sources: None,
+            write_mode: None,
+            started_at: String::new(),
+            finished_at: String::new(),
+            duration_ms: 0,
+            error: Some(ResultError {
+                kind,
+                message: message.into(),
+                source_index: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_panicking_job_becomes_a_failed_internal_result() {
+        let rule = rule();
+        let r = catch_panic(&rule, "j1", Path::new("/w/.work/j1/boom.json"), || {
+            panic!("index out of bounds")
+        });
+        assert_eq!(r.status, Status::Failed);
+        assert_eq!((r.rule.as_str(), r.job_id.as_str()), ("r", "j1"));
+        assert_eq!(r.manifest, "boom.json");
+        let e = r.error.unwrap();
+        assert_eq!(e.kind, ErrorKind::Internal);
+        assert_eq!(
+            e.message,
+            "boom.json: internal error: job panicked: index out of bounds"
+        );
+        // Formatted panics too; and no panic, no change.
+        let r = catch_panic(&rule, "j2", Path::new("x.json"), || panic!("at {}", 7));
+        assert!(r.error.unwrap().message.ends_with("job panicked: at 7"));
+        let ok = failed(ErrorKind::NoSpace, "m");
+        assert_eq!(catch_panic(&rule, "j3", Path::new("m"), || ok.clone()), ok);
+    }
+
+    #[test]
+    fn cancelled_json_failing_is_decided_by_the_cancel_flag_not_the_message() {
+        let unset = AtomicBool::new(false);
+        let set = AtomicBool::new(true);
+        // The manifest's name in the message says "cancelled": not a cancel without the flag.
+        let named = failed(
+            ErrorKind::Internal,
+            "cancelled.json: internal error: recording the publish journal: EIO",
+        );
+        assert!(!was_cancelled(&unset, &named));
+        // Aborted at shutdown, whatever error the abort surfaced as: left claimed.
+        let aborted = failed(ErrorKind::SourceReadFailed, "m.json: source 1: read failed");
+        assert!(was_cancelled(&set, &aborted));
+        let mut ok = failed(ErrorKind::Internal, "");
+        ok.status = Status::Succeeded;
+        ok.error = None;
+        assert!(!was_cancelled(&set, &ok), "a published job is filed");
     }
 }

@@ -271,7 +271,9 @@ fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
         "*" => None,
         t => Some(t.parse().ok()?),
     };
-    (last >= start).then_some((start, last + 1, total))
+    // `last` may be u64::MAX: no end fits, the header is invalid (remote_failed).
+    let end = last.checked_add(1)?;
+    (last >= start).then_some((start, end, total))
 }
 
 /// A retryable failure becomes `Busy` when the server said how long to wait (`Retry-After` in
@@ -352,6 +354,19 @@ mod tests {
         assert_eq!(parse_content_range("bytes 5-5/*"), Some((5, 6, None)));
         assert_eq!(parse_content_range("bytes 9-5/10"), None);
         assert_eq!(parse_content_range("items 0-1/2"), None);
+    }
+
+    #[test]
+    fn content_range_ending_at_u64_max_is_invalid_not_an_overflow() {
+        assert_eq!(
+            parse_content_range("bytes 0-18446744073709551615/18446744073709551615"),
+            None
+        );
+        assert_eq!(parse_content_range("bytes 0-18446744073709551615/*"), None);
+        assert_eq!(
+            parse_content_range("bytes 0-18446744073709551614/*"),
+            Some((0, u64::MAX, None))
+        );
     }
 
     #[test]

@@ -77,6 +77,9 @@ impl UrlPolicy {
                 "{url}: URLs with user information are refused"
             )));
         }
+        if url.scheme() == "s3" {
+            s3_key_is_plain(url)?;
+        }
         let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
         let port = url.port_or_known_default();
         let path = segments(url);
@@ -105,6 +108,25 @@ impl UrlPolicy {
             .map(|p| p.host.clone())
             .collect()
     }
+}
+
+/// An S3 key is the *decoded* path: a segment check on the encoded path would admit
+/// `s3://bucket/prefix/..%2Fsecret` (one segment) whose key is `prefix/../secret`. Refuse an
+/// encoded `/` in the path, and `.`/`..` segments in the decoded key.
+fn s3_key_is_plain(url: &Url) -> Result<(), Refused> {
+    if url.path().to_ascii_lowercase().contains("%2f") {
+        return Err(Refused(format!(
+            "{url}: an encoded '/' (%2F) in an S3 key is refused"
+        )));
+    }
+    if let Some((_, key)) = super::s3::bucket_and_key(url)
+        && key.split('/').any(|s| s == "." || s == "..")
+    {
+        return Err(Refused(format!(
+            "{url}: an S3 key with '.' or '..' segments is refused"
+        )));
+    }
+    Ok(())
 }
 
 /// Path segments without the empty one a trailing `/` leaves (`/logs/` and `/logs` name the same
@@ -254,6 +276,28 @@ mod tests {
         assert!(p.check("http://127.0.0.1:8080/d/x").is_ok());
         assert!(p.check("http://127.0.0.1:8081/d/x").is_err());
         assert!(p.check("http://127.0.0.1/d/x").is_err());
+    }
+
+    #[test]
+    fn s3_keys_with_encoded_slashes_or_dot_segments_are_refused() {
+        let p = policy(&["s3://bucket/prefix/"]);
+        assert!(p.check("s3://bucket/prefix/a.bin").is_ok());
+        assert!(p.check("s3://bucket/prefix/a..b/.c").is_ok());
+        for bad in [
+            "s3://bucket/prefix/..%2Fsecret",
+            "s3://bucket/prefix/..%2fsecret",
+            "s3://bucket/prefix/a%2Fb.bin",
+        ] {
+            let e = p.check(bad).expect_err(bad);
+            assert!(e.0.contains("encoded '/'"), "{bad}: {e}");
+        }
+        // Dot segments, plain or encoded, are resolved by the URL parser and leave the prefix.
+        for bad in [
+            "s3://bucket/prefix/%2e%2e/secret",
+            "s3://bucket/prefix/../secret",
+        ] {
+            assert!(p.check(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
