@@ -12,8 +12,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
 dir=${BENCH_DIR:-/tmp/concatd-bench}
 runs=${RUNS:-7}
-sets=${SETS:-L M S}
-sparse_gib=${SPARSE_GIB:-64}
+sets=${SETS-L M S}
+sparse_gib=${SPARSE_GIB-64}
 
 cargo build --release --manifest-path "$repo/Cargo.toml" >&2
 bin="$repo/target/release/concatd"
@@ -80,6 +80,12 @@ for set in $sets; do
 done
 
 if [ "$sparse_gib" -gt 0 ]; then
+  # The output is written for real (zeros): it needs that much free disk.
+  free_gib=$(( $(df --output=avail -k "$dir" | tail -1) / 1048576 - 8 ))
+  if [ "$free_gib" -lt "$sparse_gib" ]; then
+    echo "only ${free_gib} GiB free (+8 kept): the sparse job shrinks from ${sparse_gib} to ${free_gib} GiB"
+    sparse_gib=$free_gib
+  fi
   mkdir -p "$dir/data/sparse"
   truncate -s "${sparse_gib}G" "$dir/data/sparse/hole"
   echo '{"output":"sparse.bin","sources":["hole"]}' > "$dir/sparse.json"
