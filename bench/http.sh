@@ -25,7 +25,7 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-mkdir -p "$WORK"/{www,in,out,logs,nginx}
+mkdir -p "$WORK"/{www,in,in-p1,in-p4,out,logs,nginx}
 chmod a+rx "$WORK" "$WORK/www"   # nginx workers run as an unprivileged user
 
 echo "writing a $SIZE object…" >&2
@@ -61,7 +61,7 @@ URL="http://127.0.0.1:$PORT/big.bin"
 rule() { # name parallel
   cat <<EOF
   - name: $1
-    watch: in
+    watch: in-$1
     output_root: out
     fsync: false
     checksum_file: false
