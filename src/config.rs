@@ -570,11 +570,11 @@ impl Validator<'_> {
 mod tests {
     use super::*;
 
-    fn parse_in(dir: &Path, text: &str) -> Result<Rules, ConfigError> {
+    pub(super) fn parse_in(dir: &Path, text: &str) -> Result<Rules, ConfigError> {
         parse(text, &dir.join("rules.yaml"), dir)
     }
 
-    fn issues(err: ConfigError) -> Vec<String> {
+    pub(super) fn issues(err: ConfigError) -> Vec<String> {
         match err {
             ConfigError::Invalid { issues, .. } => issues.iter().map(|i| i.to_string()).collect(),
             other => panic!("expected Invalid, got {other}"),

@@ -48,6 +48,15 @@ pub fn load_rules(path: &std::path::Path) -> Result<Rules, i32> {
     })
 }
 
+/// Load the rules file and pick one rule; `Err(exit code)` when either is unusable.
+pub fn load_rule(path: &std::path::Path, name: &str) -> Result<crate::config::Rule, i32> {
+    let rules = load_rules(path)?;
+    rules.rule(name).cloned().ok_or_else(|| {
+        eprintln!("concatd: rule '{name}' is not in {}", path.display());
+        EXIT_USAGE
+    })
+}
+
 /// Logs of foreground commands go to stderr; `RUST_LOG` sets the level (default: warnings).
 pub fn init_stderr_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -5,19 +5,16 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::{EXIT_USAGE, init_stderr_logging, load_rules};
+use super::{init_stderr_logging, load_rule};
 use crate::job::{self, JobContext, Progress};
 
 pub fn run(config: &Path, rule_name: &str, manifest: &Path) -> anyhow::Result<i32> {
     init_stderr_logging("warn");
-    let rules = match load_rules(config) {
-        Ok(rules) => rules,
+    let rule = match load_rule(config, rule_name) {
+        Ok(rule) => rule,
         Err(code) => return Ok(code),
     };
-    let Some(rule) = rules.rule(rule_name) else {
-        eprintln!("concatd: rule '{rule_name}' is not in {}", config.display());
-        return Ok(EXIT_USAGE);
-    };
+    let rule = &rule;
     let progress = Progress::default();
     let ctx = JobContext {
         rule,

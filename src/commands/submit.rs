@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::{EXIT_USAGE, load_rules};
+use super::{EXIT_USAGE, load_rule};
 use crate::daemon::claim::{find_filed, result_name};
 use crate::daemon::watch::{DONE_DIR, FAILED_DIR, is_candidate};
 use crate::result::JobResult;
@@ -26,14 +26,11 @@ pub fn run(
     wait: bool,
     timeout: Option<Duration>,
 ) -> anyhow::Result<i32> {
-    let rules = match load_rules(config) {
-        Ok(rules) => rules,
+    let rule = match load_rule(config, rule_name) {
+        Ok(rule) => rule,
         Err(code) => return Ok(code),
     };
-    let Some(rule) = rules.rule(rule_name) else {
-        eprintln!("concatd: rule '{rule_name}' is not in {}", config.display());
-        return Ok(EXIT_USAGE);
-    };
+    let rule = &rule;
     let Some(name) = manifest.file_name().filter(|n| is_candidate(n)) else {
         eprintln!(
             "concatd: {} cannot be a manifest name (hidden, .tmp, .part or ~ names are ignored)",

@@ -137,20 +137,9 @@ impl Validator<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{ConfigError, Rules, parse};
+    use super::super::tests::{issues, parse_in};
+    use super::super::{ConfigError, Rules};
     use super::*;
-    use std::path::Path;
-
-    fn parse_in(dir: &Path, text: &str) -> Result<Rules, ConfigError> {
-        parse(text, &dir.join("rules.yaml"), dir)
-    }
-
-    fn issues(err: ConfigError) -> Vec<String> {
-        match err {
-            ConfigError::Invalid { issues, .. } => issues.iter().map(|i| i.to_string()).collect(),
-            other => panic!("expected Invalid, got {other}"),
-        }
-    }
 
     fn one_rule(extra: &str) -> Result<Rules, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
