@@ -6,7 +6,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
-use super::{SizeValue, Validator, parse_duration, parse_size};
+use super::validate::{SizeValue, Validator};
+use super::{parse_duration, parse_size};
 
 /// How a rule talks to HTTP(S) and S3 sources (`remote:` in the rules file).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,360 @@
+//! Stage two of reading a rules file: raw, permissive types (unknown keys captured, sizes and
+//! durations still text) checked key by key, every problem collected as an [`Issue`] naming its
+//! rule and key.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+
+use super::remote::RawRemote;
+use super::{
+    Allow, DEFAULT_MAX_OUTPUT_SIZE, Issue, Rotation, Rule, Rules, S3Config, WriteMode,
+    parse_duration, parse_size,
+};
+
+#[derive(Deserialize)]
+pub(super) struct RawRules {
+    log_dir: Option<String>,
+    log_rotation: Option<String>,
+    log_keep: Option<u64>,
+    max_jobs: Option<u64>,
+    shutdown_grace: Option<String>,
+    #[serde(default)]
+    rules: Vec<RawRule>,
+    #[serde(flatten)]
+    unknown: BTreeMap<String, IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct RawRule {
+    name: Option<String>,
+    watch: Option<String>,
+    output_root: Option<String>,
+    source_root: Option<String>,
+    allow: Option<RawAllow>,
+    max_output_size: Option<SizeValue>,
+    overwrite: Option<bool>,
+    checksum_file: Option<bool>,
+    fsync: Option<bool>,
+    write_mode: Option<String>,
+    concurrency: Option<u64>,
+    poll_interval: Option<String>,
+    s3: Option<RawS3>,
+    remote: Option<RawRemote>,
+    #[serde(flatten)]
+    unknown: BTreeMap<String, IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct RawAllow {
+    #[serde(default)]
+    paths: Vec<String>,
+    #[serde(default)]
+    urls: Vec<String>,
+    #[serde(flatten)]
+    unknown: BTreeMap<String, IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct RawS3 {
+    endpoint: Option<String>,
+    region: Option<String>,
+    path_style: Option<bool>,
+    #[serde(flatten)]
+    unknown: BTreeMap<String, IgnoredAny>,
+}
+
+/// A size written as a number of bytes or as text with a unit (`50TiB`, `1MB`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+pub(super) struct Validator<'a> {
+    base: &'a Path,
+    pub(super) issues: Vec<Issue>,
+}
+
+impl<'a> Validator<'a> {
+    pub(super) fn new(base: &'a Path) -> Self {
+        Self {
+            base,
+            issues: Vec::new(),
+        }
+    }
+
+    pub(super) fn issue(&mut self, rule: Option<&str>, key: &str, message: impl Into<String>) {
+        self.issues.push(Issue {
+            rule: rule.map(str::to_owned),
+            key: key.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    pub(super) fn unknown(
+        &mut self,
+        rule: Option<&str>,
+        prefix: &str,
+        keys: BTreeMap<String, IgnoredAny>,
+    ) {
+        for key in keys.into_keys() {
+            self.issue(rule, &format!("{prefix}{key}"), "unknown key");
+        }
+    }
+
+    pub(super) fn rules(&mut self, raw: RawRules) -> Rules {
+        self.unknown(None, "", raw.unknown);
+        let log_dir = match raw.log_dir {
+            Some(d) => self.base.join(d),
+            None => {
+                self.issue(None, "log_dir", "missing: the folder for per-rule logs");
+                PathBuf::new()
+            }
+        };
+        let log_rotation = match raw.log_rotation.as_deref() {
+            None | Some("daily") => Rotation::Daily,
+            Some("hourly") => Rotation::Hourly,
+            Some("never") => Rotation::Never,
+            Some(other) => {
+                self.issue(
+                    None,
+                    "log_rotation",
+                    format!("'{other}' is not one of daily, hourly, never"),
+                );
+                Rotation::Daily
+            }
+        };
+        let max_jobs = self.positive(None, "max_jobs", raw.max_jobs, 4);
+        let shutdown_grace = match raw.shutdown_grace {
+            None => Duration::from_secs(30),
+            Some(text) => parse_duration(&text).unwrap_or_else(|m| {
+                self.issue(None, "shutdown_grace", m);
+                Duration::ZERO
+            }),
+        };
+        if raw.rules.is_empty() {
+            self.issue(None, "rules", "no rules: add at least one");
+        }
+        let mut names = HashSet::new();
+        let rules: Vec<Rule> = raw
+            .rules
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| self.rule(i, r, &mut names))
+            .collect();
+        self.overlaps(&rules);
+        Rules {
+            path: PathBuf::new(),
+            log_dir,
+            log_rotation,
+            log_keep: raw.log_keep.unwrap_or(14) as usize,
+            max_jobs,
+            shutdown_grace,
+            rules,
+        }
+    }
+
+    /// A watch folder must belong to one rule, and must not receive outputs: a published output
+    /// (or its `.b3`) landing in a watched folder would be taken as a manifest.
+    fn overlaps(&mut self, rules: &[Rule]) {
+        let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        for (i, rule) in rules.iter().enumerate() {
+            let watch = canonical(&rule.watch);
+            let label = format!("'{}'", rule.name);
+            for (j, other) in rules.iter().enumerate() {
+                if watch.starts_with(canonical(&other.output_root)) {
+                    let whose = if i == j {
+                        "its own output_root".to_owned()
+                    } else {
+                        format!("the output_root of rule '{}'", other.name)
+                    };
+                    self.issue(
+                        Some(&label),
+                        "watch",
+                        format!(
+                            "{} lies inside {whose}: outputs would be taken as manifests",
+                            rule.watch.display()
+                        ),
+                    );
+                }
+                if j < i && watch == canonical(&other.watch) {
+                    self.issue(
+                        Some(&label),
+                        "watch",
+                        format!(
+                            "{} is also watched by rule '{}'",
+                            rule.watch.display(),
+                            other.name
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    fn positive(&mut self, rule: Option<&str>, key: &str, v: Option<u64>, default: usize) -> usize {
+        match v {
+            None => default,
+            Some(0) => {
+                self.issue(rule, key, "must be at least 1");
+                default
+            }
+            Some(n) => n as usize,
+        }
+    }
+
+    fn folder(&mut self, rule: &str, key: &str, value: &str) -> PathBuf {
+        let path = self.base.join(value);
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => self.issue(
+                Some(rule),
+                key,
+                format!("{} is not a folder", path.display()),
+            ),
+            Err(e) => self.issue(Some(rule), key, format!("folder {}: {e}", path.display())),
+        }
+        path
+    }
+
+    fn rule(&mut self, index: usize, raw: RawRule, names: &mut HashSet<String>) -> Rule {
+        let name = match raw.name {
+            Some(n) => {
+                let label = format!("'{n}'");
+                if n.is_empty()
+                    || !n.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
+                    })
+                {
+                    self.issue(Some(&label), "name", "must match [a-z0-9_-]+");
+                }
+                if !names.insert(n.clone()) {
+                    self.issue(Some(&label), "name", "duplicate rule name");
+                }
+                n
+            }
+            None => {
+                self.issue(Some(&format!("#{}", index + 1)), "name", "missing");
+                format!("#{}", index + 1)
+            }
+        };
+        let label = format!("'{name}'");
+        let r = Some(label.as_str());
+        self.unknown(r, "", raw.unknown);
+        let watch = match raw.watch {
+            Some(w) => self.folder(&label, "watch", &w),
+            None => {
+                self.issue(r, "watch", "missing: the folder manifests are dropped into");
+                PathBuf::new()
+            }
+        };
+        let output_root = match raw.output_root {
+            Some(o) => self.folder(&label, "output_root", &o),
+            None => {
+                self.issue(r, "output_root", "missing: the folder outputs land in");
+                PathBuf::new()
+            }
+        };
+        let source_root = raw
+            .source_root
+            .map(|s| self.folder(&label, "source_root", &s));
+        let mut allow = Allow::default();
+        if let Some(a) = raw.allow {
+            self.unknown(r, "allow.", a.unknown);
+            allow.paths = a
+                .paths
+                .iter()
+                .map(|p| self.folder(&label, "allow.paths", p))
+                .collect();
+            for u in &a.urls {
+                if !(u.starts_with("http://")
+                    || u.starts_with("https://")
+                    || u.starts_with("s3://"))
+                {
+                    self.issue(
+                        r,
+                        "allow.urls",
+                        format!("'{u}' must start with http://, https:// or s3://"),
+                    );
+                } else if let Err(e) =
+                    crate::source::policy::UrlPolicy::new(std::slice::from_ref(u))
+                {
+                    self.issue(r, "allow.urls", e.0);
+                }
+            }
+            allow.urls = a.urls;
+        }
+        if allow.paths.is_empty()
+            && let Some(root) = &source_root
+        {
+            allow.paths.push(root.clone());
+        }
+        let max_output_size = match raw.max_output_size {
+            None => DEFAULT_MAX_OUTPUT_SIZE,
+            Some(SizeValue::Bytes(n)) => n,
+            Some(SizeValue::Text(t)) => parse_size(&t).unwrap_or_else(|m| {
+                self.issue(r, "max_output_size", m);
+                0
+            }),
+        };
+        if max_output_size > DEFAULT_MAX_OUTPUT_SIZE {
+            self.issue(r, "max_output_size", "may not exceed 50TiB");
+        }
+        let write_mode = match raw.write_mode.as_deref() {
+            None => WriteMode::Auto,
+            Some(m) => WriteMode::parse(m).unwrap_or_else(|| {
+                self.issue(
+                    r,
+                    "write_mode",
+                    format!("'{m}' is not one of auto, pwrite, copy_file_range, mmap"),
+                );
+                WriteMode::Auto
+            }),
+        };
+        let concurrency = self.positive(r, "concurrency", raw.concurrency, 1);
+        let poll_interval = raw.poll_interval.map(|t| match parse_duration(&t) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.issue(r, "poll_interval", "must be longer than 0s");
+                Duration::from_secs(1)
+            }
+            Err(m) => {
+                self.issue(r, "poll_interval", m);
+                Duration::from_secs(1)
+            }
+        });
+        let s3 = raw.s3.map(|s| {
+            self.unknown(r, "s3.", s.unknown);
+            S3Config {
+                endpoint: s.endpoint,
+                region: s.region,
+                path_style: s.path_style.unwrap_or(false),
+            }
+        });
+        let remote = raw
+            .remote
+            .map(|raw| self.remote(r, raw))
+            .unwrap_or_default();
+        Rule {
+            name,
+            watch,
+            output_root,
+            source_root,
+            allow,
+            max_output_size,
+            overwrite: raw.overwrite.unwrap_or(false),
+            checksum_file: raw.checksum_file.unwrap_or(true),
+            fsync: raw.fsync.unwrap_or(true),
+            write_mode,
+            concurrency,
+            poll_interval,
+            s3,
+            remote,
+        }
+    }
+}
