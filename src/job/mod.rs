@@ -35,6 +35,12 @@ pub enum JobError {
         #[source]
         source: SourceError,
     },
+    /// The rule's sources cannot be set up (an allowed folder vanished, say).
+    #[error("{source}")]
+    Sources {
+        #[source]
+        source: SourceError,
+    },
     #[error("{message}")]
     SizeMismatch {
         number: Option<u64>,
@@ -60,15 +66,17 @@ impl JobError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Self::Manifest(_) => ErrorKind::InvalidManifest,
-            Self::Source { source, .. } | Self::List { source } => match source {
-                SourceError::NotAllowed { .. } => ErrorKind::SourceNotAllowed,
-                SourceError::NotFound { .. } => ErrorKind::SourceNotFound,
-                SourceError::NotRegular { .. } => ErrorKind::SourceNotRegular,
-                SourceError::ReadFailed { .. } => ErrorKind::SourceReadFailed,
-                SourceError::Changed { .. } => ErrorKind::SourceChanged,
-                SourceError::Archived { .. } => ErrorKind::SourceArchived,
-                SourceError::Remote { .. } => ErrorKind::RemoteFailed,
-            },
+            Self::Source { source, .. } | Self::List { source } | Self::Sources { source } => {
+                match source {
+                    SourceError::NotAllowed { .. } => ErrorKind::SourceNotAllowed,
+                    SourceError::NotFound { .. } => ErrorKind::SourceNotFound,
+                    SourceError::NotRegular { .. } => ErrorKind::SourceNotRegular,
+                    SourceError::ReadFailed { .. } => ErrorKind::SourceReadFailed,
+                    SourceError::Changed { .. } => ErrorKind::SourceChanged,
+                    SourceError::Archived { .. } => ErrorKind::SourceArchived,
+                    SourceError::Remote { .. } => ErrorKind::RemoteFailed,
+                }
+            }
             Self::SizeMismatch { .. } => ErrorKind::SizeMismatch,
             Self::ChecksumMismatch { .. } => ErrorKind::ChecksumMismatch,
             Self::TooLarge { .. } => ErrorKind::TooLarge,
@@ -212,7 +220,7 @@ fn execute(ctx: &JobContext, manifest_path: &Path) -> Result<Outcome, JobError> 
     if !overwrite && let Some(path) = target.existing(rule.checksum_file) {
         return Err(OutputError::Exists { path }.into());
     }
-    let sources = Sources::new(rule).map_err(|source| JobError::List { source })?;
+    let sources = Sources::new(rule).map_err(|source| JobError::Sources { source })?;
     let plan = crate::plan::build(&manifest, &sources, rule.max_output_size)?;
     if let Some(p) = ctx.progress {
         p.total.store(plan.total, Ordering::Relaxed);
