@@ -8,7 +8,8 @@
 //! `renameat2` (with `RENAME_NOREPLACE` unless overwriting, so a file that appeared meanwhile is
 //! never clobbered), then `fsync` of the folder. The `.b3` sidecar is written to its own temporary
 //! file *before* the output is renamed, so a full disk cannot leave an output without its sidecar.
-//! Dropping an unpublished [`TempOutput`] removes its files.
+//! Dropping a [`TempOutput`] removes its temporary names: its own bytes when unpublished, the
+//! earlier file an overwrite exchanged out when published.
 //!
 //! Temporary names are `.concatd-<job id>.tmp` (and `.concatd-<job id>.b3.tmp`), so whoever knows a
 //! job's id — the daemon recovering after a crash — can find and remove them.
@@ -19,7 +20,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
-use rustix::fs::{AtFlags, FallocateFlags, Mode, OFlags, RenameFlags, ResolveFlags};
+use rustix::fs::{AtFlags, FallocateFlags, FileType, Mode, OFlags, RenameFlags, ResolveFlags};
 use rustix::io::Errno;
 
 /// Why the output cannot be written or published.
@@ -178,7 +179,6 @@ impl OutputTarget {
             job_id: job_id.to_owned(),
             file: File::from(fd),
             allocated: false,
-            published: false,
         };
         let mut temp = temp;
         if size > 0 {
@@ -194,6 +194,46 @@ impl OutputTarget {
             }
         }
         Ok(temp)
+    }
+
+    /// Rename `from` to `to` in the output folder, never over an existing file unless
+    /// `overwrite`; then it is *exchanged*, so the earlier file stays under `from` until the
+    /// publish is complete (and can be put back if it is not). True when something was replaced.
+    fn place(&self, from: &str, to: &OsStr, overwrite: bool) -> Result<bool, Errno> {
+        match rustix::fs::renameat_with(&self.dir, from, &self.dir, to, RenameFlags::NOREPLACE) {
+            Ok(()) => Ok(false),
+            Err(Errno::EXIST) if overwrite => {
+                // Replace files only, as rename(2) would: never swap a folder into our temp name.
+                let st = rustix::fs::statat(&self.dir, to, AtFlags::SYMLINK_NOFOLLOW)?;
+                if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+                    return Err(Errno::ISDIR);
+                }
+                match rustix::fs::renameat_with(
+                    &self.dir,
+                    from,
+                    &self.dir,
+                    to,
+                    RenameFlags::EXCHANGE,
+                ) {
+                    Ok(()) => Ok(true),
+                    // A filesystem without RENAME_EXCHANGE: replace outright (no way back).
+                    Err(Errno::INVAL) => {
+                        rustix::fs::renameat(&self.dir, from, &self.dir, to).map(|()| false)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Undo [`Self::place`]: swap the earlier file back, or remove what was placed.
+    fn unplace(&self, from: &str, to: &OsStr, replaced: bool) {
+        let _ = if replaced {
+            rustix::fs::renameat_with(&self.dir, from, &self.dir, to, RenameFlags::EXCHANGE)
+        } else {
+            rustix::fs::unlinkat(&self.dir, to, AtFlags::empty())
+        };
     }
 
     fn fail(&self, action: &'static str, e: Errno) -> OutputError {
@@ -240,13 +280,12 @@ pub struct Publish {
     pub sidecar: bool,
 }
 
-/// The output being built. Removed on drop unless published.
+/// The output being built. Its temporary names are removed on drop.
 pub struct TempOutput<'a> {
     target: &'a OutputTarget,
     job_id: String,
     file: File,
     allocated: bool,
-    published: bool,
 }
 
 impl TempOutput<'_> {
@@ -261,7 +300,7 @@ impl TempOutput<'_> {
     }
 
     /// Make the output durable and visible at its path, with its sidecar.
-    pub fn publish(mut self, hash: &blake3::Hash, how: Publish) -> Result<PathBuf, OutputError> {
+    pub fn publish(self, hash: &blake3::Hash, how: Publish) -> Result<PathBuf, OutputError> {
         let t = self.target;
         if how.fsync {
             self.file
@@ -273,32 +312,28 @@ impl TempOutput<'_> {
             let line = crate::checksum::sidecar_line(hash, &t.name.to_string_lossy());
             self.write_sidecar_temp(&sidecar_temp, line.as_bytes(), how.fsync)?;
         }
-        let flags = if how.overwrite {
-            RenameFlags::empty()
-        } else {
-            RenameFlags::NOREPLACE
-        };
-        match rustix::fs::renameat_with(&t.dir, temp_name(&self.job_id), &t.dir, &t.name, flags) {
-            Ok(()) => self.published = true,
+        let output_temp = temp_name(&self.job_id);
+        let replaced = match t.place(&output_temp, &t.name, how.overwrite) {
+            Ok(replaced) => replaced,
             Err(Errno::EXIST) => {
                 return Err(OutputError::Exists {
                     path: t.path.clone(),
                 });
             }
             Err(e) => return Err(t.fail("publishing (rename)", e)),
-        }
-        // Past the rename the output is visible; should the rest fail, take it back down when
-        // nothing was replaced, so a failed job never leaves an output behind. Only what this
-        // job put in place is removed: an earlier `.b3` that refused to be replaced stays.
-        let mut sidecar_published = false;
+        };
+        // Past the rename the output is visible. Should the rest fail, everything is put back as
+        // it was — the earlier file (kept under the temporary name by the exchange) returns, or
+        // the new output goes — so a failed job never leaves an output behind nor loses one.
+        let b3 = sidecar_name(&t.name);
+        let mut sidecar = None; // Some(whether an earlier .b3 was replaced)
         let mut finish = || -> Result<(), OutputError> {
             if how.sidecar {
-                let b3 = sidecar_name(&t.name);
-                match rustix::fs::renameat_with(&t.dir, sidecar_temp.as_str(), &t.dir, &b3, flags) {
-                    Ok(()) => sidecar_published = true,
+                match t.place(&sidecar_temp, &b3, how.overwrite) {
+                    Ok(replaced) => sidecar = Some(replaced),
                     Err(Errno::EXIST) => {
                         return Err(OutputError::Exists {
-                            path: t.path.with_file_name(b3),
+                            path: t.path.with_file_name(&b3),
                         });
                     }
                     Err(e) => return Err(t.fail("publishing the .b3 sidecar", e)),
@@ -313,12 +348,10 @@ impl TempOutput<'_> {
             Ok(())
         };
         if let Err(e) = finish() {
-            if !how.overwrite {
-                let _ = rustix::fs::unlinkat(&t.dir, &t.name, AtFlags::empty());
-                if sidecar_published {
-                    let _ = rustix::fs::unlinkat(&t.dir, sidecar_name(&t.name), AtFlags::empty());
-                }
+            if let Some(replaced) = sidecar {
+                t.unplace(&sidecar_temp, &b3, replaced);
             }
+            t.unplace(&output_temp, &t.name, replaced);
             return Err(e);
         }
         Ok(t.path.clone())
@@ -346,11 +379,10 @@ impl TempOutput<'_> {
 
 impl Drop for TempOutput<'_> {
     fn drop(&mut self) {
+        // Unpublished: our bytes. Published over an earlier file: that file, exchanged out.
+        // Published without replacing anything: nothing (the unlink fails harmlessly).
         let dir = &self.target.dir;
-        if !self.published {
-            let _ = rustix::fs::unlinkat(dir, temp_name(&self.job_id), AtFlags::empty());
-        }
-        // Present only if publishing failed between writing it and renaming it.
+        let _ = rustix::fs::unlinkat(dir, temp_name(&self.job_id), AtFlags::empty());
         let _ = rustix::fs::unlinkat(dir, sidecar_temp_name(&self.job_id), AtFlags::empty());
     }
 }

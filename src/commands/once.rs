@@ -2,7 +2,8 @@
 
 use std::io::IsTerminal;
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use super::{init_stderr_logging, load_rule};
@@ -15,15 +16,21 @@ pub fn run(config: &Path, rule_name: &str, manifest: &Path) -> anyhow::Result<i3
         Err(code) => return Ok(code),
     };
     let rule = &rule;
+    // Ctrl-C or SIGTERM cancels the job instead of killing the process, so its fully allocated
+    // temporary file is removed and a result is still printed (exit 1).
+    let cancel = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&cancel))?;
+    }
     let progress = Progress::default();
     let ctx = JobContext {
         rule,
         job_id: job::new_job_id(),
-        cancel: None,
+        cancel: Some(&cancel),
         progress: Some(&progress),
         before_publish: None,
     };
-    let done = std::sync::atomic::AtomicBool::new(false);
+    let done = AtomicBool::new(false);
     let result = std::thread::scope(|s| {
         if std::io::stderr().is_terminal() {
             s.spawn(|| show_progress(&progress, &done));
@@ -37,7 +44,7 @@ pub fn run(config: &Path, rule_name: &str, manifest: &Path) -> anyhow::Result<i3
 }
 
 /// A bar of bytes, rate and ETA on stderr, while the job runs.
-fn show_progress(progress: &Progress, done: &std::sync::atomic::AtomicBool) {
+fn show_progress(progress: &Progress, done: &AtomicBool) {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(

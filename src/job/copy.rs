@@ -21,7 +21,7 @@ use super::{JobContext, JobError};
 use crate::checksum::{NodeHash, Piece, PieceHasher, Pieces, TreeMerger};
 use crate::config::WriteMode;
 use crate::manifest::{Location, Manifest};
-use crate::output::io_error;
+use crate::output::{io_error, is_no_space};
 use crate::plan::Plan;
 use crate::source::{Pin, Reader, SourceError, Sources};
 
@@ -285,7 +285,19 @@ impl Copy<'_> {
                         }
                         // Not possible between these two files: copy the rest through a buffer.
                         Err(Errno::XDEV | Errno::INVAL | Errno::OPNOTSUPP | Errno::NOSYS) => break,
-                        Err(e) => return Err(self.write_failed(e.into())),
+                        // Either side may fail: a full disk is the output's, the rest the source's.
+                        Err(e) if is_no_space(&e.into()) => {
+                            return Err(self.write_failed(e.into()));
+                        }
+                        Err(e) => {
+                            return Err(JobError::Source {
+                                number: seg.number,
+                                source: SourceError::ReadFailed {
+                                    what: seg.location.to_string(),
+                                    source: e.into(),
+                                },
+                            });
+                        }
                     }
                 }
             }
@@ -394,6 +406,6 @@ fn ended_early(seg: &Segment, done: u64) -> JobError {
     }
 }
 
-fn changed_lists() -> JobError {
+pub(super) fn changed_lists() -> JobError {
     JobError::Internal("the source lists yielded other sources than were planned".into())
 }

@@ -20,6 +20,9 @@ pub(super) fn source_hashes(
 ) -> Result<(), JobError> {
     let mut block = vec![0u8; 1 << 20];
     manifest.for_each_source(plan.reopen_lists(sources), |n, spec| {
+        if n > plan.count() {
+            return Err(super::copy::changed_lists());
+        }
         let Some(want) = spec.blake3 else {
             return Ok(());
         };

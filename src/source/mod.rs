@@ -178,7 +178,10 @@ impl Sources {
     ) -> Result<(Box<dyn Read + Send>, Pin), SourceError> {
         match location {
             Location::Path(p) => {
-                let pin = expected.unwrap_or(self.local.probe(p)?.pin);
+                let pin = match expected {
+                    Some(pin) => pin,
+                    None => self.local.probe(p)?.pin,
+                };
                 let file = self.local.open(p, pin)?;
                 Ok((Box::new(file.into_reader()), pin))
             }

@@ -77,6 +77,7 @@ impl UrlPolicy {
                 "{url}: URLs with user information are refused"
             )));
         }
+        path_is_plain(url)?;
         if url.scheme() == "s3" {
             s3_key_is_plain(url)?;
         }
@@ -108,6 +109,28 @@ impl UrlPolicy {
             .map(|p| p.host.clone())
             .collect()
     }
+}
+
+/// Servers differ in when they decode a path: one that decodes `%2F` (or `%5C`) before it
+/// normalises `..` serves `/logs/..%2Fsecret` as `/secret`, outside an allowed `/logs/`. So for
+/// every scheme an encoded separator, or a segment that decodes to `.` or `..`, is refused.
+fn path_is_plain(url: &Url) -> Result<(), Refused> {
+    let lower = url.path().to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") {
+        return Err(Refused(format!(
+            "{url}: an encoded '/' or '\\' (%2F, %5C) in the path is refused"
+        )));
+    }
+    let dotted = url.path().split('/').any(|segment| {
+        let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
+        decoded == "." || decoded == ".."
+    });
+    if dotted {
+        return Err(Refused(format!(
+            "{url}: a '.' or '..' path segment is refused"
+        )));
+    }
+    Ok(())
 }
 
 /// An S3 key is the *decoded* path: a segment check on the encoded path would admit
@@ -295,6 +318,22 @@ mod tests {
         for bad in [
             "s3://bucket/prefix/%2e%2e/secret",
             "s3://bucket/prefix/../secret",
+        ] {
+            assert!(p.check(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// Regression: `/logs/..%2Fsecret` is one segment under `/logs/` for the parser, but
+    /// `/secret` for a server that decodes `%2F` first (python's http.server served it).
+    #[test]
+    fn http_paths_with_encoded_separators_are_refused() {
+        let p = policy(&["http://127.0.0.1:8080/logs/"]);
+        assert!(p.check("http://127.0.0.1:8080/logs/a%20b.bin").is_ok());
+        for bad in [
+            "http://127.0.0.1:8080/logs/..%2Fsecret.txt",
+            "http://127.0.0.1:8080/logs/..%2fsecret.txt",
+            "http://127.0.0.1:8080/logs/..%5Csecret.txt",
+            "https://127.0.0.1:8080/logs/x%2F..%2F..%2Fsecret",
         ] {
             assert!(p.check(bad).is_err(), "{bad}");
         }

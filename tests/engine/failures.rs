@@ -362,3 +362,88 @@ fn source_truncated_during_the_job_is_source_changed() {
     assert!(!env.path("out/o").exists());
     assert_no_temp_files(&env.path("out"));
 }
+
+/// Regression: with `overwrite`, a failure after the output was renamed into place (here the
+/// sidecar cannot be published: a folder holds its name) must put the earlier file back.
+#[test]
+fn overwrite_that_fails_late_restores_the_earlier_file() {
+    let env = Env::new("    overwrite: true\n");
+    env.data("a", b"new bytes");
+    std::fs::write(env.path("out/x.bin"), b"OLD").unwrap();
+    std::fs::create_dir(env.path("out/x.bin.b3")).unwrap();
+    env.fails(
+        "m.json",
+        r#"{"output":"x.bin","sources":["a"]}"#,
+        "internal",
+        "x.bin",
+    );
+    assert_eq!(std::fs::read(env.path("out/x.bin")).unwrap(), b"OLD");
+    assert!(env.path("out/x.bin.b3").is_dir());
+    // And with nothing there before, the failed job leaves nothing.
+    std::fs::create_dir(env.path("out/y.bin.b3")).unwrap();
+    env.fails(
+        "m2.json",
+        r#"{"output":"y.bin","sources":["a"]}"#,
+        "internal",
+        "y.bin",
+    );
+    assert!(!env.path("out/y.bin").exists());
+}
+
+/// Ctrl-C / SIGTERM during `once` cancels the job: a failed result, exit 1, and the fully
+/// allocated temporary file removed (it used to stay behind, as large as the output).
+#[test]
+fn once_interrupted_by_sigterm_removes_its_temporary_file() {
+    let env = Env::new("");
+    env.data("small", &bytes(1, 100));
+    env.data("big", &bytes(2, 8 << 20));
+    env.data("list.txt", "small\n".repeat(200_000).as_bytes());
+    env.data("big.txt", b"big\n");
+    let m = env.path("m.json");
+    std::fs::write(
+        &m,
+        r#"{"output":"o","source_lists":["list.txt", "big.txt"]}"#,
+    )
+    .unwrap();
+    let child = Command::cargo_bin("concatd")
+        .unwrap()
+        .args(["once", "-c"])
+        .arg(env.path("rules.yaml"))
+        .args(["--rule", "t"])
+        .arg(&m)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    'wait: while started.elapsed() < std::time::Duration::from_secs(60) {
+        for e in std::fs::read_dir(env.path("out")).unwrap() {
+            if e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".concatd-")
+            {
+                break 'wait;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{r:#}");
+    assert_eq!(r["error"]["kind"], "internal", "{r:#}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cancelled"),
+        "{r:#}"
+    );
+    assert!(!env.path("out/o").exists());
+    assert_no_temp_files(&env.path("out"));
+}
