@@ -287,6 +287,60 @@ fn submit_wait_exit_codes_and_timeout() {
     assert_eq!(d.stop(), 0);
 }
 
+/// Two `submit`s of one name at once: one drops its manifest, the other fails; the dropped
+/// manifest holds exactly the bytes of the one that said so (no daemon: the drop stays put).
+#[test]
+fn concurrent_submits_of_one_name_never_mix_manifests() {
+    let env = Env::new("    fsync: false\n");
+    let inbox = env.path("in");
+    // Big manifests, so that the writes overlap.
+    let mut sent = Vec::new();
+    for who in ["a", "b"] {
+        fs::create_dir(env.path(who)).unwrap();
+        let pad = who.repeat(4 << 20);
+        let text = format!(r#"{{"output":"{who}.bin","sources":["{pad}"]}}"#);
+        fs::write(env.path(who).join("m.json"), &text).unwrap();
+        sent.push(text.into_bytes());
+    }
+    for round in 0..20 {
+        let children: Vec<_> = ["a", "b"]
+            .iter()
+            .map(|who| {
+                env.concatd()
+                    .args(["submit", "-c", "rules.yaml", "--rule", "r1"])
+                    .arg(env.path(who).join("m.json"))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let codes: Vec<_> = children
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .collect();
+        let winners: Vec<usize> = (0..2)
+            .filter(|&i| codes[i].status.code() == Some(0))
+            .collect();
+        assert_eq!(winners.len(), 1, "round {round}: {codes:?}");
+        let dropped = fs::read(inbox.join("m.json")).unwrap();
+        assert!(
+            dropped == sent[winners[0]],
+            "round {round}: the manifest dropped is not the one submit {} sent",
+            ["a", "b"][winners[0]]
+        );
+        let loser = 1 - winners[0];
+        assert_eq!(codes[loser].status.code(), Some(1), "round {round}");
+        assert!(
+            String::from_utf8_lossy(&codes[loser].stderr).contains("already waiting"),
+            "round {round}: {}",
+            String::from_utf8_lossy(&codes[loser].stderr)
+        );
+        assert_eq!(names(&inbox), ["m.json"], "round {round}: temporaries left");
+        fs::remove_file(inbox.join("m.json")).unwrap();
+    }
+}
+
 #[test]
 fn the_rule_log_holds_every_job_id_and_logs_prints_it() {
     let env = Env::new("    fsync: false\n");
