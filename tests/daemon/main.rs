@@ -341,6 +341,64 @@ fn concurrent_submits_of_one_name_never_mix_manifests() {
     }
 }
 
+/// Manifest names as long as a file name may be (255 bytes) get their one result: the job
+/// folder's own files have short names, and the names filed under are shortened to fit.
+#[test]
+fn long_manifest_names_are_done_with_one_result() {
+    let env = Env::new("    fsync: false\n");
+    env.data("a", b"long");
+    let inbox = env.path("in");
+    let d = env.start();
+    // 250 bytes, written in place.
+    let first = format!("{}.json", "a".repeat(245));
+    assert_eq!(first.len(), 250);
+    fs::write(inbox.join(&first), r#"{"output":"l1.bin","sources":["a"]}"#).unwrap();
+    wait_until(Duration::from_secs(10), || count_results(&inbox) == 1);
+    // 255 bytes of two-byte characters, through `submit --wait`.
+    let second = format!("{}.yaml", "\u{e9}".repeat(125));
+    assert_eq!(second.len(), 255);
+    fs::create_dir(env.path("m")).unwrap();
+    let m = env.path("m").join(&second);
+    fs::write(&m, "output: l2.bin\nsources: [a, a]\n").unwrap();
+    let out = env
+        .concatd()
+        .args(["submit", "-c", "rules.yaml", "--rule", "r1", "--wait"])
+        .args(["--timeout", "10s"])
+        .arg(&m)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(printed["manifest"], second.as_str());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(fs::read(env.path("out/l1.bin")).unwrap(), b"long");
+    assert_eq!(fs::read(env.path("out/l2.bin")).unwrap(), b"longlong");
+    let done = names(&inbox.join("done"));
+    assert_eq!(done.len(), 4, "{done:?}");
+    for name in [&first, &second] {
+        let results: Vec<Value> = results(&inbox)
+            .into_iter()
+            .filter(|r| r["manifest"] == name.as_str())
+            .collect();
+        assert_eq!(results.len(), 1, "{name}: {done:?}");
+        assert_eq!(results[0]["status"], "succeeded");
+    }
+    // Each manifest beside its result, the YAML one still named .yaml.
+    for n in done.iter().filter(|n| !n.ends_with(".result.json")) {
+        assert!(done.contains(&format!("{n}.result.json")), "{done:?}");
+        assert!(n.len() + ".result.json".len() <= 255);
+    }
+    assert!(done.iter().any(|n| n.ends_with(".yaml")), "{done:?}");
+    assert!(names(&inbox.join(".work")).is_empty());
+    assert_eq!(count_results(&inbox), 2);
+    assert_eq!(d.stop(), 0);
+}
+
 #[test]
 fn the_rule_log_holds_every_job_id_and_logs_prints_it() {
     let env = Env::new("    fsync: false\n");
