@@ -1,13 +1,16 @@
 //! `concatd submit`: drop a manifest into a rule's folder atomically; with `--wait`, wait for its
 //! result.
 //!
-//! The drop writes `.NAME.tmp` (ignored by the daemon), fsyncs it and renames it to `NAME` without
-//! replacing anything. The daemon moves that very file (renamed into its job folder when claimed,
+//! The drop writes a temporary file of its own, `.NAME.<pid>.<random>.tmp` (hidden and `.tmp`, so
+//! ignored by the daemon; created exclusively, so two submits of one name never share it), fsyncs
+//! it and renames it to `NAME` without replacing anything: if a manifest of that name is already
+//! waiting, the submit fails and the waiting manifest is untouched. The daemon moves that very file (renamed into its job folder when claimed,
 //! then renamed into `done/` or `failed/`), so its inode identifies it there even when a unique
 //! suffix was added to its name.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::io::Write;
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -67,18 +70,53 @@ pub fn run(
     }
 }
 
+/// The longest file name Linux filesystems take (`NAME_MAX`).
+const NAME_MAX: usize = 255;
+
+/// A fresh temporary name for a drop of `name`: `.NAME.<pid>.<random>.tmp`, with `NAME` cut short
+/// (on a byte boundary: names are bytes) when the whole would not fit in [`NAME_MAX`].
+fn temp_name(name: &OsStr, attempt: u32) -> OsString {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(attempt);
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    let tail = format!(".{}.{:016x}.tmp", std::process::id(), h.finish());
+    let keep = NAME_MAX - 1 - tail.len();
+    let bytes = name.as_encoded_bytes();
+    let mut temp = b".".to_vec();
+    temp.extend_from_slice(&bytes[..bytes.len().min(keep)]);
+    temp.extend_from_slice(tail.as_bytes());
+    OsString::from_vec(temp)
+}
+
 /// Write `bytes` as `<watch>/NAME` atomically; the new file's inode.
 fn drop_atomically(watch: &Path, name: &OsStr, bytes: &[u8]) -> anyhow::Result<u64> {
-    let mut temp_name = OsStr::new(".").to_owned();
-    temp_name.push(name);
-    temp_name.push(".tmp");
-    let temp = watch.join(&temp_name);
     let target = watch.join(name);
-    let mut f =
-        std::fs::File::create(&temp).with_context(|| format!("creating {}", temp.display()))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("writing {}", temp.display()))?;
+    let mut attempt = 0;
+    let (temp, mut f) = loop {
+        let temp = watch.join(temp_name(name, attempt));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+        {
+            Ok(f) => break (temp, f),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 100 => {
+                attempt += 1;
+            }
+            Err(e) => return Err(e).with_context(|| format!("creating {}", temp.display())),
+        }
+    };
+    if let Err(e) = f.write_all(bytes).and_then(|()| f.sync_all()) {
+        drop(f);
+        let _ = std::fs::remove_file(&temp);
+        return Err(e).with_context(|| format!("writing {}", temp.display()));
+    }
     let ino = f.metadata()?.ino();
     drop(f);
     let renamed = rustix::fs::renameat_with(
@@ -120,4 +158,23 @@ fn find_result(watch: &Path, name: &OsStr, ino: u64) -> Option<JobResult> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn submit_temp_names_are_unique_ignored_and_fit_name_max() {
+        let long = "n".repeat(NAME_MAX);
+        for name in ["m.json", long.as_str()] {
+            let a = temp_name(OsStr::new(name), 0);
+            let b = temp_name(OsStr::new(name), 0);
+            assert_ne!(a, b, "two drops of one name share a temporary file");
+            for t in [&a, &b] {
+                assert!(t.len() <= NAME_MAX, "{t:?}");
+                assert!(!is_candidate(t), "{t:?} would be taken as a manifest");
+            }
+        }
+    }
 }

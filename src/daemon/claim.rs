@@ -8,8 +8,10 @@
 //!
 //! Filing ([`file_result`]) keeps "one result per manifest" across crashes; each step is durable
 //! (when the rule asks for fsync) before the next:
-//! 1. the result is written to `.work/<id>/NAME.result.json` (temp file, fsync, rename);
-//! 2. `D` is picked, `NAME` or the first free `NAME` with a suffix (`stem-1.ext`…), and recorded
+//! 1. the result is written to `.work/<id>/.result.json` (temp file, fsync, rename; a short fixed
+//!    name, so that it fits whatever the manifest's name: see [`JOB_RESULT`]);
+//! 2. `D` is picked, `NAME` or the first free `NAME` with a suffix (`stem-1.ext`…), shortened
+//!    when `D.result.json` would not fit in a file name (see [`filed_name`]), and recorded
 //!    in `.work/<id>/.filing` (the daemon's own files start with `.`, which no manifest's name
 //!    can: see [`PUBLISH_JOURNAL`]); the manifest is renamed to `done/D` (or `failed/D`) without
 //!    replacing anything (`RENAME_NOREPLACE`: if `D` was taken meanwhile, the next one is tried);
@@ -40,6 +42,16 @@ pub const PUBLISH_JOURNAL: &str = ".publish.json";
 
 /// Where the manifest is being filed (step 2): the full path it is renamed to.
 pub const FILING_RECORD: &str = ".filing";
+
+/// The result waiting in a job folder to be filed (step 1). Not `NAME.result.json`: a manifest's
+/// name may be as long as a file name can be (255 bytes), leaving no room for a suffix.
+pub const JOB_RESULT: &str = ".result.json";
+
+/// The longest file name (`NAME_MAX` of Linux filesystems), in bytes.
+pub const NAME_MAX: usize = 255;
+
+/// What a filed result's name adds to its manifest's.
+pub const RESULT_SUFFIX: &str = ".result.json";
 
 /// Why a claim or filing failed.
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +90,7 @@ impl JobDir {
 
     /// Where the result waits before it is filed.
     pub fn result_path(&self) -> PathBuf {
-        self.path.join(result_name(&self.name))
+        self.path.join(JOB_RESULT)
     }
 
     /// The publish journal of this job.
@@ -102,11 +114,14 @@ impl JobDir {
             .unwrap_or_default();
         // The manifest is the entry that is none of the daemon's own files (their names start
         // with `.`, which no manifest's can; temp files end in `.tmp`, which no manifest's can
-        // either). Once it has left (a filing record exists), the name is that of the result
-        // waiting to be filed.
+        // either). A folder left by an older daemon may hold its result as `NAME.result.json`
+        // instead of `.result.json`: then, of two such entries, the shorter is the manifest, and
+        // once the manifest has left (a filing record exists) the name is the result's without
+        // its suffix; that result is renamed to `.result.json` below.
         let mut name = None;
         let mut result = None;
         let mut filing = false;
+        let mut new_result = false;
         let entries = match std::fs::read_dir(path) {
             Ok(entries) => entries,
             // Removed by its owner between our open and our lock: nothing left to do.
@@ -120,6 +135,10 @@ impl JobDir {
                 filing = true;
                 continue;
             }
+            if s == JOB_RESULT {
+                new_result = true;
+                continue;
+            }
             if s == PUBLISH_JOURNAL || s.starts_with('.') || s.ends_with(".tmp") {
                 continue;
             }
@@ -130,12 +149,32 @@ impl JobDir {
                 result = Some(n);
             }
         }
-        if filing
-            && result.is_none()
-            && let Some(only) = name.take()
+        if !new_result {
+            // An older daemon's layout: its result, if any, to `.result.json`.
+            if filing
+                && result.is_none()
+                && let Some(only) = name.take()
+            {
+                let bytes = only.as_encoded_bytes();
+                name = Some(match bytes.strip_suffix(RESULT_SUFFIX.as_bytes()) {
+                    Some(stem) => OsString::from_vec(stem.to_vec()),
+                    None => only.clone(),
+                });
+                result = Some(only);
+            }
+            if let Some(old) = result {
+                let to = path.join(JOB_RESULT);
+                std::fs::rename(path.join(&old), &to).map_err(io("renaming result", &to))?;
+                new_result = true;
+            }
+        }
+        if name.is_none()
+            && new_result
+            && let Ok(bytes) = std::fs::read(path.join(JOB_RESULT))
+            && let Ok(r) = serde_json::from_slice::<JobResult>(&bytes)
         {
-            let s = only.to_string_lossy();
-            name = Some(s.strip_suffix(".result.json").unwrap_or(&s).into());
+            // The manifest has left: its name (for the log) is the one the result records.
+            name = Some(r.manifest.into());
         }
         Ok(Some(Self {
             id,
@@ -159,8 +198,17 @@ impl JobDir {
 /// `NAME.result.json`.
 pub fn result_name(name: &OsStr) -> OsString {
     let mut r = name.to_owned();
-    r.push(".result.json");
+    r.push(RESULT_SUFFIX);
     r
+}
+
+/// `name` split before its extension (`.json`, `.yaml`…): none when the name has no dot past its
+/// first byte, or when what follows the last dot is too long to be an extension worth keeping.
+fn split_ext(name: &[u8]) -> (&[u8], &[u8]) {
+    match name.iter().rposition(|&b| b == b'.').filter(|&i| i > 0) {
+        Some(i) if name.len() - i <= 16 => name.split_at(i),
+        _ => (name, &[]),
+    }
 }
 
 /// Claim `<watch>/NAME` for job `id`: `Ok(None)` when it is gone (someone else claimed it).
@@ -228,26 +276,67 @@ pub fn suffixed(name: &OsStr, n: u32) -> OsString {
     if n == 0 {
         return name.to_owned();
     }
-    let s = name.to_string_lossy();
-    match s.rfind('.').filter(|&i| i > 0) {
-        Some(i) => format!("{}-{n}{}", &s[..i], &s[i..]).into(),
-        None => format!("{s}-{n}").into(),
-    }
+    let bytes = name.as_encoded_bytes();
+    let (stem, ext) = match bytes.iter().rposition(|&b| b == b'.').filter(|&i| i > 0) {
+        Some(i) => bytes.split_at(i),
+        None => (bytes, &[][..]),
+    };
+    let mut d = stem.to_vec();
+    d.extend_from_slice(format!("-{n}").as_bytes());
+    d.extend_from_slice(ext);
+    OsString::from_vec(d)
 }
+
+/// The `n`th name to file `name` under: [`suffixed`], unless `D.result.json` would then be longer
+/// than a file name may be; then the name is cut short and marked with a hash of the whole name
+/// (`<prefix>-<16 hex>[-n].ext`, the extension kept), so that the manifest and its result both
+/// fit. The result's `manifest` field keeps the name as dropped.
+pub fn filed_name(name: &OsStr, n: u32) -> OsString {
+    let plain = suffixed(name, n);
+    if plain.len() + RESULT_SUFFIX.len() <= NAME_MAX {
+        return plain;
+    }
+    let bytes = name.as_encoded_bytes();
+    let (stem, ext) = split_ext(bytes);
+    let tag = format!("-{}", &blake3::hash(bytes).to_hex()[..16]);
+    let num = if n > 0 {
+        format!("-{n}")
+    } else {
+        String::new()
+    };
+    let room = NAME_MAX - RESULT_SUFFIX.len() - tag.len() - num.len() - ext.len();
+    let mut keep = room.min(stem.len());
+    if let Ok(text) = std::str::from_utf8(stem) {
+        // A UTF-8 name stays UTF-8.
+        while !text.is_char_boundary(keep) {
+            keep -= 1;
+        }
+    }
+    let mut d = stem[..keep].to_vec();
+    d.extend_from_slice(tag.as_bytes());
+    d.extend_from_slice(num.as_bytes());
+    d.extend_from_slice(ext);
+    OsString::from_vec(d)
+}
+
+/// How many leading bytes of a manifest's stem every name it may be filed under starts with.
+const FILED_PREFIX: usize = 64;
 
 /// The name under `dest` of the file with inode `ino` that was filed from `name` (its name, or
 /// its name with a suffix): `submit --wait` finds its own manifest this way.
 pub fn find_filed(dest: &Path, name: &OsStr, ino: u64) -> Option<OsString> {
-    let s = name.to_string_lossy();
-    let stem = match s.rfind('.').filter(|&i| i > 0) {
-        Some(i) => &s[..i],
-        None => &s[..],
+    let bytes = name.as_encoded_bytes();
+    let stem = match bytes.iter().rposition(|&b| b == b'.').filter(|&i| i > 0) {
+        Some(i) => &bytes[..i],
+        None => bytes,
     };
+    // A shortened name (see `filed_name`) keeps at least this much of the stem.
+    let stem = &stem[..stem.len().min(FILED_PREFIX)];
     std::fs::read_dir(dest).ok()?.find_map(|e| {
         let e = e.ok()?;
         let n = e.file_name();
-        let ns = n.to_string_lossy();
-        (ns.starts_with(stem) && !ns.ends_with(".result.json"))
+        let ns = n.as_encoded_bytes();
+        (ns.starts_with(stem) && !ns.ends_with(RESULT_SUFFIX.as_bytes()))
             .then(|| e.metadata().ok())
             .flatten()
             .filter(|m| m.ino() == ino)
@@ -272,44 +361,45 @@ pub fn file_result(
     }
     let manifest = dir.manifest();
     let record = dir.path.join(FILING_RECORD);
-    let (dest, filed): (PathBuf, OsString) = if manifest.exists() {
-        std::fs::create_dir_all(dest).map_err(io("creating", dest))?;
-        let mut n = 0;
-        loop {
-            let d = suffixed(&dir.name, n);
-            n += 1;
-            let to = dest.join(&d);
-            if to.symlink_metadata().is_ok() || dest.join(result_name(&d)).exists() {
-                continue;
+    let (dest, filed): (PathBuf, OsString) =
+        if !dir.name.is_empty() && manifest.symlink_metadata().is_ok() {
+            std::fs::create_dir_all(dest).map_err(io("creating", dest))?;
+            let mut n = 0;
+            loop {
+                let d = filed_name(&dir.name, n);
+                n += 1;
+                let to = dest.join(&d);
+                if to.symlink_metadata().is_ok() || dest.join(result_name(&d)).exists() {
+                    continue;
+                }
+                write_atomic(&record, to.as_os_str().as_encoded_bytes(), fsync)?;
+                let moved = rustix::fs::renameat_with(
+                    rustix::fs::CWD,
+                    &manifest,
+                    rustix::fs::CWD,
+                    &to,
+                    rustix::fs::RenameFlags::NOREPLACE,
+                );
+                match moved {
+                    Ok(()) => break (dest.to_owned(), d),
+                    Err(rustix::io::Errno::EXIST) => continue,
+                    Err(e) => return Err(io("filing manifest", &to)(e.into())),
+                }
             }
-            write_atomic(&record, to.as_os_str().as_encoded_bytes(), fsync)?;
-            let moved = rustix::fs::renameat_with(
-                rustix::fs::CWD,
-                &manifest,
-                rustix::fs::CWD,
-                &to,
-                rustix::fs::RenameFlags::NOREPLACE,
-            );
-            match moved {
-                Ok(()) => break (dest.to_owned(), d),
-                Err(rustix::io::Errno::EXIST) => continue,
-                Err(e) => return Err(io("filing manifest", &to)(e.into())),
+        } else {
+            // Resumed after a crash that came after the manifest was moved: it went where recorded.
+            let to = PathBuf::from(OsString::from_vec(
+                std::fs::read(&record).map_err(io("reading filing record", &record))?,
+            ));
+            match (to.parent(), to.file_name()) {
+                (Some(p), Some(n)) => (p.to_owned(), n.to_owned()),
+                _ => {
+                    return Err(io("reading filing record", &record)(
+                        std::io::ErrorKind::InvalidData.into(),
+                    ));
+                }
             }
-        }
-    } else {
-        // Resumed after a crash that came after the manifest was moved: it went where recorded.
-        let to = PathBuf::from(OsString::from_vec(
-            std::fs::read(&record).map_err(io("reading filing record", &record))?,
-        ));
-        match (to.parent(), to.file_name()) {
-            (Some(p), Some(n)) => (p.to_owned(), n.to_owned()),
-            _ => {
-                return Err(io("reading filing record", &record)(
-                    std::io::ErrorKind::InvalidData.into(),
-                ));
-            }
-        }
-    };
+        };
     let dest = dest.as_path();
     let final_result = dest.join(result_name(&filed));
     std::fs::rename(&result_path, &final_result).map_err(io("filing result", &final_result))?;
@@ -386,6 +476,106 @@ mod tests {
         }
     }
 
+    #[test]
+    fn long_manifest_names_are_filed_under_names_that_fit() {
+        for name in [
+            "a.json".to_owned(),
+            format!("{}.json", "a".repeat(238)),
+            format!("{}.json", "a".repeat(245)),
+            format!("{}.yaml", "\u{e9}".repeat(125)),
+            "b".repeat(255),
+        ] {
+            let name = OsStr::new(&name);
+            let mut seen = std::collections::HashSet::new();
+            for n in 0..3 {
+                let d = filed_name(name, n);
+                assert!(result_name(&d).len() <= NAME_MAX, "{d:?}");
+                assert!(d.to_str().is_some(), "a UTF-8 name stays UTF-8: {d:?}");
+                assert!(seen.insert(d.clone()), "{d:?} twice");
+                let ext = Path::new(name).extension();
+                assert_eq!(Path::new(&d).extension(), ext, "{d:?}");
+                if result_name(&suffixed(name, n)).len() <= NAME_MAX {
+                    assert_eq!(d, suffixed(name, n));
+                }
+            }
+        }
+    }
+
+    /// A 250-byte name, crashed after each step of filing: one result every time.
+    #[test]
+    fn long_manifest_names_recover_at_each_step_of_filing() {
+        let dir = tempfile::tempdir().unwrap();
+        let watch = dir.path();
+        let done = watch.join("done");
+        std::fs::create_dir(&done).unwrap();
+        let name = format!("{}.json", "a".repeat(245));
+        let result: JobResult = serde_json::from_str(&format!(
+            r#"{{"status":"succeeded","rule":"r","manifest":"{name}","job_id":"j","started_at":"","finished_at":"","duration_ms":0}}"#
+        ))
+        .unwrap();
+        let json = serde_json::to_vec(&result).unwrap();
+        for (step, id) in ["result written", "manifest moved", "result moved"]
+            .iter()
+            .zip(["j1", "j2", "j3"])
+        {
+            std::fs::write(watch.join(&name), *step).unwrap();
+            let job = claim(watch, OsStr::new(&name), id).unwrap().unwrap();
+            let path = job.path.clone();
+            write_atomic(&job.result_path(), &json, false).unwrap();
+            let filed = filed_name(OsStr::new(&name), 0);
+            let mut filed_as = suffixed(&filed, 0);
+            if *step != "result written" {
+                // By hand, as `file_result` does, up to the crash.
+                let mut n = 0;
+                while done.join(&filed_as).exists() {
+                    n += 1;
+                    filed_as = filed_name(OsStr::new(&name), n);
+                }
+                let to = done.join(&filed_as);
+                write_atomic(
+                    &path.join(FILING_RECORD),
+                    to.as_os_str().as_encoded_bytes(),
+                    false,
+                )
+                .unwrap();
+                std::fs::rename(job.manifest(), &to).unwrap();
+            }
+            if *step == "result moved" {
+                std::fs::rename(job.result_path(), done.join(result_name(&filed_as))).unwrap();
+            }
+            drop(job);
+            let job = JobDir::lock_existing(&path).unwrap().unwrap();
+            if *step == "result moved" {
+                // Nothing left to file: recovery removes the folder.
+                assert!(!job.result_path().exists());
+                job.remove(false).unwrap();
+                continue;
+            }
+            assert_eq!(job.name, OsStr::new(&name), "{step}");
+            let filed = file_result(job, &done, &result, false).unwrap();
+            assert_eq!(
+                std::fs::read_to_string(done.join(&filed)).unwrap(),
+                *step,
+                "{step}"
+            );
+            let back: JobResult =
+                serde_json::from_slice(&std::fs::read(done.join(result_name(&filed))).unwrap())
+                    .unwrap();
+            assert_eq!(back.manifest, name);
+            assert!(!path.exists());
+        }
+        let mut names: Vec<_> = std::fs::read_dir(&done)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names.len(), 6, "{names:?}");
+        for pair in names.chunks(2) {
+            assert_eq!(result_name(&pair[0]), pair[1]);
+        }
+    }
+
+    /// A folder left by an older daemon, which kept the result as `NAME.result.json`.
     #[test]
     fn filing_resumes_after_the_manifest_moved() {
         let dir = tempfile::tempdir().unwrap();

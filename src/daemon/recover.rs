@@ -89,8 +89,7 @@ pub enum Plan {
 /// Decide what a locked, abandoned job folder needs.
 pub fn assess(dir: JobDir, rule: &Rule) -> Result<Plan, ClaimError> {
     // The result is written before anything leaves the folder: resume filing.
-    if !dir.name.is_empty()
-        && let Ok(bytes) = std::fs::read(dir.result_path())
+    if let Ok(bytes) = std::fs::read(dir.result_path())
         && let Ok(result) = serde_json::from_slice::<JobResult>(&bytes)
     {
         return Ok(Plan::File(dir, Box::new(result)));

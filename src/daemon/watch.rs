@@ -56,17 +56,15 @@ pub enum WatchError {
 /// Whether a name in a watch folder may be a manifest: not hidden, not a temporary or backup
 /// name a producer writes before renaming, not one of the daemon's own folders.
 pub fn is_candidate(name: &OsStr) -> bool {
-    let Some(name) = name.to_str() else {
-        // Non-UTF-8 names are taken too; only the checks below need text.
-        return !name.as_encoded_bytes().starts_with(b".");
-    };
+    // On bytes, so that a name that is not valid UTF-8 gets every check too.
+    let name = name.as_encoded_bytes();
     !(name.is_empty()
-        || name.starts_with('.')
-        || name.ends_with(".tmp")
-        || name.ends_with(".part")
-        || name.ends_with('~')
-        || name == DONE_DIR
-        || name == FAILED_DIR)
+        || name.starts_with(b".")
+        || name.ends_with(b".tmp")
+        || name.ends_with(b".part")
+        || name.ends_with(b"~")
+        || name == DONE_DIR.as_bytes()
+        || name == FAILED_DIR.as_bytes())
 }
 
 /// How old a file found by a scan must be to be taken: a scan cannot see whether a writer still
@@ -247,6 +245,20 @@ mod tests {
         for good in ["a.json", "b.yaml", "c", "tmp.json", "done.json"] {
             assert!(is_candidate(OsStr::new(good)), "{good}");
         }
+    }
+
+    #[test]
+    fn non_utf8_producer_names_are_ignored() {
+        use std::os::unix::ffi::OsStrExt;
+        for bad in [
+            &b"\xe9t\xe9.json.tmp"[..],
+            b"\xe9t\xe9.json.part",
+            b"\xe9t\xe9.json~",
+            b".\xe9t\xe9.json",
+        ] {
+            assert!(!is_candidate(OsStr::from_bytes(bad)), "{bad:?}");
+        }
+        assert!(is_candidate(OsStr::from_bytes(b"\xe9t\xe9.json")));
     }
 
     #[test]

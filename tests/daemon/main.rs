@@ -287,6 +287,118 @@ fn submit_wait_exit_codes_and_timeout() {
     assert_eq!(d.stop(), 0);
 }
 
+/// Two `submit`s of one name at once: one drops its manifest, the other fails; the dropped
+/// manifest holds exactly the bytes of the one that said so (no daemon: the drop stays put).
+#[test]
+fn concurrent_submits_of_one_name_never_mix_manifests() {
+    let env = Env::new("    fsync: false\n");
+    let inbox = env.path("in");
+    // Big manifests, so that the writes overlap.
+    let mut sent = Vec::new();
+    for who in ["a", "b"] {
+        fs::create_dir(env.path(who)).unwrap();
+        let pad = who.repeat(4 << 20);
+        let text = format!(r#"{{"output":"{who}.bin","sources":["{pad}"]}}"#);
+        fs::write(env.path(who).join("m.json"), &text).unwrap();
+        sent.push(text.into_bytes());
+    }
+    for round in 0..20 {
+        let children: Vec<_> = ["a", "b"]
+            .iter()
+            .map(|who| {
+                env.concatd()
+                    .args(["submit", "-c", "rules.yaml", "--rule", "r1"])
+                    .arg(env.path(who).join("m.json"))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let codes: Vec<_> = children
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .collect();
+        let winners: Vec<usize> = (0..2)
+            .filter(|&i| codes[i].status.code() == Some(0))
+            .collect();
+        assert_eq!(winners.len(), 1, "round {round}: {codes:?}");
+        let dropped = fs::read(inbox.join("m.json")).unwrap();
+        assert!(
+            dropped == sent[winners[0]],
+            "round {round}: the manifest dropped is not the one submit {} sent",
+            ["a", "b"][winners[0]]
+        );
+        let loser = 1 - winners[0];
+        assert_eq!(codes[loser].status.code(), Some(1), "round {round}");
+        assert!(
+            String::from_utf8_lossy(&codes[loser].stderr).contains("already waiting"),
+            "round {round}: {}",
+            String::from_utf8_lossy(&codes[loser].stderr)
+        );
+        assert_eq!(names(&inbox), ["m.json"], "round {round}: temporaries left");
+        fs::remove_file(inbox.join("m.json")).unwrap();
+    }
+}
+
+/// Manifest names as long as a file name may be (255 bytes) get their one result: the job
+/// folder's own files have short names, and the names filed under are shortened to fit.
+#[test]
+fn long_manifest_names_are_done_with_one_result() {
+    let env = Env::new("    fsync: false\n");
+    env.data("a", b"long");
+    let inbox = env.path("in");
+    let d = env.start();
+    // 250 bytes, written in place.
+    let first = format!("{}.json", "a".repeat(245));
+    assert_eq!(first.len(), 250);
+    fs::write(inbox.join(&first), r#"{"output":"l1.bin","sources":["a"]}"#).unwrap();
+    wait_until(Duration::from_secs(10), || count_results(&inbox) == 1);
+    // 255 bytes of two-byte characters, through `submit --wait`.
+    let second = format!("{}.yaml", "\u{e9}".repeat(125));
+    assert_eq!(second.len(), 255);
+    fs::create_dir(env.path("m")).unwrap();
+    let m = env.path("m").join(&second);
+    fs::write(&m, "output: l2.bin\nsources: [a, a]\n").unwrap();
+    let out = env
+        .concatd()
+        .args(["submit", "-c", "rules.yaml", "--rule", "r1", "--wait"])
+        .args(["--timeout", "10s"])
+        .arg(&m)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(printed["manifest"], second.as_str());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(fs::read(env.path("out/l1.bin")).unwrap(), b"long");
+    assert_eq!(fs::read(env.path("out/l2.bin")).unwrap(), b"longlong");
+    let done = names(&inbox.join("done"));
+    assert_eq!(done.len(), 4, "{done:?}");
+    for name in [&first, &second] {
+        let results: Vec<Value> = results(&inbox)
+            .into_iter()
+            .filter(|r| r["manifest"] == name.as_str())
+            .collect();
+        assert_eq!(results.len(), 1, "{name}: {done:?}");
+        assert_eq!(results[0]["status"], "succeeded");
+    }
+    // Each manifest beside its result, the YAML one still named .yaml.
+    for n in done.iter().filter(|n| !n.ends_with(".result.json")) {
+        assert!(done.contains(&format!("{n}.result.json")), "{done:?}");
+        assert!(n.len() + ".result.json".len() <= 255);
+    }
+    assert!(done.iter().any(|n| n.ends_with(".yaml")), "{done:?}");
+    assert!(names(&inbox.join(".work")).is_empty());
+    assert_eq!(count_results(&inbox), 2);
+    assert_eq!(d.stop(), 0);
+}
+
 #[test]
 fn the_rule_log_holds_every_job_id_and_logs_prints_it() {
     let env = Env::new("    fsync: false\n");
