@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::{EXIT_USAGE, load_rules};
+use super::load_rules;
 
 pub fn run(config: &Path) -> anyhow::Result<i32> {
     let rules = match load_rules(config) {
@@ -29,8 +29,10 @@ pub fn run(config: &Path) -> anyhow::Result<i32> {
             problems += 1;
         }
     }
+    // The file is valid (an invalid one exits 2 above); a folder the daemon could not use is a
+    // failed check: exit 1, as the spec has it.
     if problems > 0 {
-        return Ok(EXIT_USAGE);
+        return Ok(1);
     }
     println!("{}: {} rule(s) OK", config.display(), rules.rules.len());
     Ok(0)
