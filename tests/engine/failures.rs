@@ -325,29 +325,7 @@ fn source_truncated_during_the_job_is_source_changed() {
     )
     .unwrap();
     env.data("big.txt", b"big\n");
-    let child = Command::cargo_bin("concatd")
-        .unwrap()
-        .args(["once", "-c"])
-        .arg(env.path("rules.yaml"))
-        .args(["--rule", "t"])
-        .arg(&m)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = std::time::Instant::now();
-    'wait: while started.elapsed() < std::time::Duration::from_secs(60) {
-        for e in std::fs::read_dir(env.path("out")).unwrap() {
-            if e.unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with(".concatd-")
-            {
-                break 'wait;
-            }
-        }
-        std::thread::sleep(std::time::Duration::from_micros(200));
-    }
+    let child = once_until_copying(&env, &m);
     std::fs::OpenOptions::new()
         .write(true)
         .open(env.path("data/big"))
@@ -405,29 +383,7 @@ fn once_interrupted_by_sigterm_removes_its_temporary_file() {
         r#"{"output":"o","source_lists":["list.txt", "big.txt"]}"#,
     )
     .unwrap();
-    let child = Command::cargo_bin("concatd")
-        .unwrap()
-        .args(["once", "-c"])
-        .arg(env.path("rules.yaml"))
-        .args(["--rule", "t"])
-        .arg(&m)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = std::time::Instant::now();
-    'wait: while started.elapsed() < std::time::Duration::from_secs(60) {
-        for e in std::fs::read_dir(env.path("out")).unwrap() {
-            if e.unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with(".concatd-")
-            {
-                break 'wait;
-            }
-        }
-        std::thread::sleep(std::time::Duration::from_micros(200));
-    }
+    let child = once_until_copying(&env, &m);
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -446,4 +402,33 @@ fn once_interrupted_by_sigterm_removes_its_temporary_file() {
     );
     assert!(!env.path("out/o").exists());
     assert_no_temp_files(&env.path("out"));
+}
+
+/// Start `concatd once` on the manifest `m` and return once its planning is done: the moment its
+/// temporary output appears, while it is still copying.
+fn once_until_copying(env: &Env, m: &std::path::Path) -> std::process::Child {
+    let child = Command::cargo_bin("concatd")
+        .unwrap()
+        .args(["once", "-c"])
+        .arg(env.path("rules.yaml"))
+        .args(["--rule", "t"])
+        .arg(m)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_secs(60) {
+        let copying = std::fs::read_dir(env.path("out")).unwrap().any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".concatd-")
+        });
+        if copying {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    child
 }
