@@ -207,21 +207,7 @@ fn submit_wait_exit_codes_and_timeout() {
     let m = env.path("m.json");
     // No daemon yet: --wait times out with exit 1.
     fs::write(&m, r#"{"output":"s1.bin","sources":["a"]}"#).unwrap();
-    let out = env
-        .concatd()
-        .args([
-            "submit",
-            "-c",
-            "rules.yaml",
-            "--rule",
-            "r1",
-            "--wait",
-            "--timeout",
-            "300ms",
-        ])
-        .arg(&m)
-        .output()
-        .unwrap();
+    let out = env.submit_wait(&m, Some("300ms"));
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("timed out"));
     let d = env.start();
@@ -230,21 +216,7 @@ fn submit_wait_exit_codes_and_timeout() {
     });
     // Same name again: filed with a suffix, and --wait finds its own result.
     fs::write(&m, r#"{"output":"s2.bin","sources":["a","a"]}"#).unwrap();
-    let out = env
-        .concatd()
-        .args([
-            "submit",
-            "-c",
-            "rules.yaml",
-            "--rule",
-            "r1",
-            "--wait",
-            "--timeout",
-            "10s",
-        ])
-        .arg(&m)
-        .output()
-        .unwrap();
+    let out = env.submit_wait(&m, Some("10s"));
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -257,12 +229,7 @@ fn submit_wait_exit_codes_and_timeout() {
     assert!(env.path("in/done/m-1.json.result.json").exists());
     // A failing job: exit 1, the failed result printed.
     fs::write(&m, r#"{"output":"s3.bin","sources":["missing"]}"#).unwrap();
-    let out = env
-        .concatd()
-        .args(["submit", "-c", "rules.yaml", "--rule", "r1", "--wait"])
-        .arg(&m)
-        .output()
-        .unwrap();
+    let out = env.submit_wait(&m, None);
     assert_eq!(out.status.code(), Some(1));
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["error"]["kind"], "source_not_found");
@@ -360,13 +327,7 @@ fn long_manifest_names_are_done_with_one_result() {
     fs::create_dir(env.path("m")).unwrap();
     let m = env.path("m").join(&second);
     fs::write(&m, "output: l2.bin\nsources: [a, a]\n").unwrap();
-    let out = env
-        .concatd()
-        .args(["submit", "-c", "rules.yaml", "--rule", "r1", "--wait"])
-        .args(["--timeout", "10s"])
-        .arg(&m)
-        .output()
-        .unwrap();
+    let out = env.submit_wait(&m, Some("10s"));
     assert_eq!(
         out.status.code(),
         Some(0),

@@ -79,6 +79,16 @@ impl Env {
         c.current_dir(self.dir.path());
         c
     }
+
+    /// `concatd submit --wait` of `manifest` to rule `r1`, with an optional `--timeout`.
+    pub fn submit_wait(&self, manifest: &Path, timeout: Option<&str>) -> std::process::Output {
+        let mut c = self.concatd();
+        c.args(["submit", "-c", "rules.yaml", "--rule", "r1", "--wait"]);
+        if let Some(t) = timeout {
+            c.args(["--timeout", t]);
+        }
+        c.arg(manifest).output().unwrap()
+    }
 }
 
 pub fn rule(name: &str, watch: &str, extra: &str) -> String {
