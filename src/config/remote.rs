@@ -56,32 +56,12 @@ impl Validator<'_> {
     pub(super) fn remote(&mut self, r: Option<&str>, raw: RawRemote) -> RemoteConfig {
         self.unknown(r, "remote.", raw.unknown);
         let d = RemoteConfig::default();
-        let duration = |v: &mut Self, key: &str, text: Option<String>, default: Duration| {
-            let Some(text) = text else { return default };
-            match parse_duration(&text) {
-                Ok(t) if t.is_zero() => {
-                    v.issue(r, key, "must be more than 0");
-                    default
-                }
-                Ok(t) => t,
-                Err(m) => {
-                    v.issue(r, key, m);
-                    default
-                }
-            }
-        };
-        let connect_timeout = duration(
-            self,
-            "remote.connect_timeout",
-            raw.connect_timeout,
-            d.connect_timeout,
-        );
-        let idle_timeout = duration(
-            self,
-            "remote.idle_timeout",
-            raw.idle_timeout,
-            d.idle_timeout,
-        );
+        let connect_timeout = raw.connect_timeout.map_or(d.connect_timeout, |t| {
+            self.nonzero_duration(r, "remote.connect_timeout", &t, d.connect_timeout)
+        });
+        let idle_timeout = raw.idle_timeout.map_or(d.idle_timeout, |t| {
+            self.nonzero_duration(r, "remote.idle_timeout", &t, d.idle_timeout)
+        });
         let backoff = match raw.backoff {
             None => d.backoff,
             Some(t) => parse_duration(&t).unwrap_or_else(|m| {

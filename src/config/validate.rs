@@ -197,6 +197,28 @@ impl<'a> Validator<'a> {
         }
     }
 
+    /// A duration that must be longer than zero (an interval or a timeout); `default` stands in
+    /// after a reported problem.
+    pub(super) fn nonzero_duration(
+        &mut self,
+        rule: Option<&str>,
+        key: &str,
+        text: &str,
+        default: Duration,
+    ) -> Duration {
+        match parse_duration(text) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.issue(rule, key, "must be longer than 0s");
+                default
+            }
+            Err(m) => {
+                self.issue(rule, key, m);
+                default
+            }
+        }
+    }
+
     fn positive(&mut self, rule: Option<&str>, key: &str, v: Option<u64>, default: usize) -> usize {
         match v {
             None => default,
@@ -317,17 +339,9 @@ impl<'a> Validator<'a> {
             }),
         };
         let concurrency = self.positive(r, "concurrency", raw.concurrency, 1);
-        let poll_interval = raw.poll_interval.map(|t| match parse_duration(&t) {
-            Ok(d) if !d.is_zero() => d,
-            Ok(_) => {
-                self.issue(r, "poll_interval", "must be longer than 0s");
-                Duration::from_secs(1)
-            }
-            Err(m) => {
-                self.issue(r, "poll_interval", m);
-                Duration::from_secs(1)
-            }
-        });
+        let poll_interval = raw
+            .poll_interval
+            .map(|t| self.nonzero_duration(r, "poll_interval", &t, Duration::from_secs(1)));
         let s3 = raw.s3.map(|s| {
             self.unknown(r, "s3.", s.unknown);
             S3Config {
