@@ -5,6 +5,7 @@ mod checksum;
 mod cli;
 mod commands;
 mod config;
+mod crash;
 mod daemon;
 mod job;
 mod logging;

@@ -38,6 +38,7 @@ pub fn run_item(item: Item, rule: &Rule, cancel: &AtomicBool) {
             }
             match claim::claim(&rule.watch, &name, &job::new_job_id()) {
                 Ok(Some(dir)) => {
+                    crate::crash::point("after-claim");
                     tracing::info!(job_id = %dir.id, manifest = %name.to_string_lossy(), "claimed");
                     dir
                 }
