@@ -18,17 +18,19 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon in the foreground.
     Run {
-        /// The rules file.
+        /// The rules file (YAML): log_dir and the rules, see docs/reference.md.
         #[arg(short = 'c', long = "config", value_name = "RULES.yaml")]
         config: PathBuf,
     },
     /// Validate the rules file and its folders.
     Check {
+        /// The rules file (YAML): log_dir and the rules, see docs/reference.md.
         #[arg(short = 'c', long = "config", value_name = "RULES.yaml")]
         config: PathBuf,
     },
     /// Run one manifest in the foreground and print its result JSON.
     Once {
+        /// The rules file (YAML): log_dir and the rules, see docs/reference.md.
         #[arg(short = 'c', long = "config", value_name = "RULES.yaml")]
         config: PathBuf,
         /// The rule whose settings apply.
@@ -39,10 +41,13 @@ pub enum Command {
     },
     /// Drop a manifest into a rule's folder; with --wait, wait for and print its result.
     Submit {
+        /// The rules file (YAML): log_dir and the rules, see docs/reference.md.
         #[arg(short = 'c', long = "config", value_name = "RULES.yaml")]
         config: PathBuf,
+        /// The rule whose folder the manifest is dropped into.
         #[arg(long, value_name = "NAME")]
         rule: String,
+        /// The manifest (JSON, or YAML for .yaml/.yml); copied in under its own name.
         manifest: PathBuf,
         /// Wait for the result and exit 0 (succeeded) or 1 (failed).
         #[arg(long)]
@@ -53,6 +58,7 @@ pub enum Command {
     },
     /// Show per-rule counts and the latest results.
     Status {
+        /// The rules file (YAML): log_dir and the rules, see docs/reference.md.
         #[arg(short = 'c', long = "config", value_name = "RULES.yaml")]
         config: PathBuf,
         /// Print one JSON document.
@@ -61,6 +67,7 @@ pub enum Command {
     },
     /// Print (and with -f follow) a rule's log.
     Logs {
+        /// The rules file (YAML): log_dir and the rules, see docs/reference.md.
         #[arg(short = 'c', long = "config", value_name = "RULES.yaml")]
         config: PathBuf,
         /// The rule.
