@@ -13,6 +13,7 @@ pub mod commands;
 pub mod config;
 pub mod crash;
 pub mod daemon;
+pub mod inbox;
 pub mod job;
 pub mod logging;
 pub mod manifest;

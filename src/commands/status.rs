@@ -1,5 +1,7 @@
-//! `concatd status`: per rule, manifests waiting, running, done and failed, and the latest
-//! results — read from the folders, so it works whether or not the daemon runs.
+//! `concatd status`: per rule, whether a live daemon watches it, manifests waiting, running, done
+//! and failed, and the latest results — read from the folders, so it works whether or not the
+//! daemon runs. A claimed job counts as running only while a live daemon watches its folder;
+//! without one it waits for the next start, which resumes it.
 
 use std::path::Path;
 use std::time::SystemTime;
@@ -7,7 +9,8 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use super::load_rules;
-use crate::daemon::watch::{DONE_DIR, FAILED_DIR, WORK_DIR, scan};
+use crate::daemon::watch::scan;
+use crate::inbox::{self, DONE_DIR, DaemonInfo, FAILED_DIR, WORK_DIR};
 use crate::result::JobResult;
 
 /// Results shown per rule.
@@ -16,6 +19,8 @@ const LATEST: usize = 5;
 #[derive(Serialize)]
 struct RuleStatus {
     name: String,
+    /// The live daemon watching this rule's folder, `null` when none does.
+    daemon: Option<DaemonInfo>,
     waiting: usize,
     running: usize,
     done: usize,
@@ -35,12 +40,23 @@ pub fn run(config: &Path, json: bool) -> anyhow::Result<i32> {
     };
     let mut status = Status { rules: Vec::new() };
     for rule in &rules.rules {
-        let waiting = scan(&rule.watch)
+        let daemon = inbox::live_daemon(&rule.watch);
+        let mut waiting = scan(&rule.watch)
             .map(|s| s.ready.len() + s.fresh)
             .unwrap_or(0);
-        let running = std::fs::read_dir(rule.watch.join(WORK_DIR))
-            .map(|d| d.filter_map(|e| e.ok()).count())
+        let claimed = std::fs::read_dir(rule.watch.join(WORK_DIR))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .count()
+            })
             .unwrap_or(0);
+        let running = if daemon.is_some() {
+            claimed
+        } else {
+            waiting += claimed;
+            0
+        };
         let mut results = Vec::new();
         let done = results_in(&rule.watch.join(DONE_DIR), &mut results);
         let failed = results_in(&rule.watch.join(FAILED_DIR), &mut results);
@@ -52,6 +68,7 @@ pub fn run(config: &Path, json: bool) -> anyhow::Result<i32> {
             .collect();
         status.rules.push(RuleStatus {
             name: rule.name.clone(),
+            daemon,
             waiting,
             running,
             done,
@@ -64,12 +81,16 @@ pub fn run(config: &Path, json: bool) -> anyhow::Result<i32> {
         return Ok(0);
     }
     println!(
-        "{:<20} {:>8} {:>8} {:>8} {:>8}",
+        "{:<20} {:>8} {:>8} {:>8} {:>8}  DAEMON",
         "RULE", "WAITING", "RUNNING", "DONE", "FAILED"
     );
     for r in &status.rules {
+        let daemon = match &r.daemon {
+            Some(d) => format!("pid {} since {}", d.pid, d.since),
+            None => "none (claimed jobs resume when one starts)".to_owned(),
+        };
         println!(
-            "{:<20} {:>8} {:>8} {:>8} {:>8}",
+            "{:<20} {:>8} {:>8} {:>8} {:>8}  {daemon}",
             r.name, r.waiting, r.running, r.done, r.failed
         );
     }

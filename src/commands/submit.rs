@@ -50,10 +50,29 @@ pub fn run(
         return Ok(0);
     }
     let deadline = timeout.map(|t| Instant::now() + t);
+    let mut checked = Instant::now() - LIVENESS_EVERY;
     loop {
         if let Some(result) = find_result(&rule.watch, name, ino) {
             println!("{}", serde_json::to_string_pretty(&result)?);
             return Ok(result.exit_code());
+        }
+        // Waiting is pointless with nobody to run the job: say so at once (and again should the
+        // daemon stop while we wait). The manifest stays dropped and runs when a daemon starts.
+        if checked.elapsed() >= LIVENESS_EVERY {
+            if crate::inbox::live_daemon(&rule.watch).is_none()
+                && find_result(&rule.watch, name, ino).is_none()
+            {
+                eprintln!(
+                    "concatd: no daemon is watching {} (rule '{}'): {} stays dropped and runs \
+                     when one starts (concatd run -c {})",
+                    rule.watch.display(),
+                    rule.name,
+                    dropped.display(),
+                    config.display()
+                );
+                return Ok(1);
+            }
+            checked = Instant::now();
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             eprintln!(
@@ -69,6 +88,9 @@ pub fn run(
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// How often `--wait` checks that a daemon still watches the folder.
+const LIVENESS_EVERY: Duration = Duration::from_secs(1);
 
 /// The longest file name Linux filesystems take (`NAME_MAX`).
 const NAME_MAX: usize = 255;

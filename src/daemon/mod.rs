@@ -48,6 +48,12 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error("rule {rule}: {source}")]
+    Presence {
+        rule: String,
+        #[source]
+        source: crate::inbox::InboxError,
+    },
     #[error("log folder: {0}")]
     Log(#[source] std::io::Error),
     #[error("signal handler: {0}")]
@@ -60,6 +66,8 @@ struct RuleHandle {
     stop: CancellationToken,
     task: JoinHandle<()>,
     _watch: FolderWatch,
+    /// Tells `status` and `submit --wait` that a live daemon watches the folder.
+    _presence: crate::inbox::Presence,
 }
 
 /// The daemon's state, owned by its main task.
@@ -85,6 +93,10 @@ impl Daemon {
                 }
             })?;
         }
+        let presence = crate::inbox::announce(&rule.watch).map_err(|e| DaemonError::Presence {
+            rule: rule.name.clone(),
+            source: e,
+        })?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let folder_watch = watch::start(&rule.watch, rule.poll_interval, tx).map_err(|source| {
             DaemonError::Watch {
@@ -112,6 +124,7 @@ impl Daemon {
                 stop,
                 task,
                 _watch: folder_watch,
+                _presence: presence,
             },
         );
         Ok(())

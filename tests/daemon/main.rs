@@ -7,6 +7,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod presence;
 mod recovery;
 mod reload;
 
@@ -205,11 +206,11 @@ fn submit_wait_exit_codes_and_timeout() {
     let env = Env::new("    fsync: false\n");
     env.data("a", b"S");
     let m = env.path("m.json");
-    // No daemon yet: --wait times out with exit 1.
+    // No daemon yet: --wait exits 1 at once (see presence.rs); the drop stays and runs later.
     fs::write(&m, r#"{"output":"s1.bin","sources":["a"]}"#).unwrap();
-    let out = env.submit_wait(&m, Some("300ms"));
+    let out = env.submit_wait(&m, Some("30s"));
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("timed out"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no daemon is watching"));
     let d = env.start();
     wait_until(Duration::from_secs(10), || {
         count_results(&env.path("in")) == 1
