@@ -20,8 +20,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Semaphore;
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -56,8 +56,15 @@ pub enum DaemonError {
     },
     #[error("log folder: {0}")]
     Log(#[source] std::io::Error),
-    #[error("signal handler: {0}")]
-    Signal(#[source] std::io::Error),
+}
+
+/// How the daemon is told to stop or reload. `concatd run` feeds these from SIGTERM/SIGINT and
+/// SIGHUP; a test or an embedding program can drive the daemon in-process the same way.
+pub struct Control {
+    /// Cancelled: stop taking manifests, finish or abort running jobs, return.
+    pub shutdown: CancellationToken,
+    /// Each message: reload the rules file (the reason, for the log).
+    pub reload: UnboundedReceiver<&'static str>,
 }
 
 /// A running rule.
@@ -166,13 +173,10 @@ impl Daemon {
     }
 }
 
-/// Run the daemon on the rules file at `path` until SIGTERM/SIGINT.
-pub async fn run(path: &Path, logs: RuleLogs) -> Result<(), DaemonError> {
+/// Run the daemon on the rules file at `path` until `control.shutdown` is cancelled.
+pub async fn run(path: &Path, logs: RuleLogs, mut control: Control) -> Result<(), DaemonError> {
     let rules = config::load(path)?;
     logs.configure(&rules).map_err(DaemonError::Log)?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
-    let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
     let mut daemon = Daemon {
         global: Arc::new(Semaphore::new(rules.max_jobs)),
         rules: rules.clone(),
@@ -206,9 +210,8 @@ pub async fn run(path: &Path, logs: RuleLogs) -> Result<(), DaemonError> {
     );
     loop {
         tokio::select! {
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
-            _ = sighup.recv() => reload::reload(&mut daemon, "SIGHUP"),
+            _ = control.shutdown.cancelled() => break,
+            Some(why) = control.reload.recv() => reload::reload(&mut daemon, why),
             Some(()) = file_changed.recv() => {
                 // Editors write in steps: let the file settle, then read it once.
                 tokio::time::sleep(Duration::from_millis(100)).await;

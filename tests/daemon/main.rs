@@ -80,7 +80,7 @@ fn a_manifest_being_written_is_not_taken_before_close() {
     // fail it as invalid_manifest).
     std::thread::sleep(Duration::from_millis(1000));
     assert!(inbox.join("slow.json").exists(), "taken while still open");
-    assert!(names(&inbox.join(".work")).is_empty(), "claimed while open");
+    assert!(job_dirs(&inbox).is_empty(), "claimed while open");
     assert_eq!(count_results(&inbox), 0, "a result while still open");
     f.write_all(&text[10..]).unwrap();
     drop(f);
@@ -141,7 +141,7 @@ fn check_many(env: &Env, n: usize, sources: &[Vec<u8>]) {
         "outputs and sidecars only"
     );
     wait_until(Duration::from_secs(5), || {
-        names(&inbox.join(".work")).is_empty()
+        job_dirs(&inbox).is_empty()
     });
     assert_eq!(names(&inbox.join("done")).len(), 2 * n);
     assert!(names(&inbox.join("failed")).is_empty());
@@ -356,7 +356,7 @@ fn long_manifest_names_are_done_with_one_result() {
         assert!(n.len() + ".result.json".len() <= 255);
     }
     assert!(done.iter().any(|n| n.ends_with(".yaml")), "{done:?}");
-    assert!(names(&inbox.join(".work")).is_empty());
+    assert!(job_dirs(&inbox).is_empty());
     assert_eq!(count_results(&inbox), 2);
     assert_eq!(d.stop(), 0);
 }

@@ -41,7 +41,7 @@ fn kill_9_during_a_large_job_then_restart_gives_one_complete_result() {
     d.kill9();
     assert!(caught_mid_job, "the job finished before it could be killed");
     assert_eq!(count_results(&env.path("in")), 0);
-    assert_eq!(names(&env.path("in/.work")).len(), 1, "left claimed");
+    assert_eq!(job_dirs(&env.path("in")).len(), 1, "left claimed");
     let d = env.start();
     wait_until(Duration::from_secs(20), || {
         count_results(&env.path("in")) == 1
@@ -51,7 +51,7 @@ fn kill_9_during_a_large_job_then_restart_gives_one_complete_result() {
     assert_eq!(fs::read(env.path("out/big/out.bin")).unwrap(), expected);
     assert!(temps_in(&env.path("out")).is_empty());
     wait_until(Duration::from_secs(5), || {
-        names(&env.path("in/.work")).is_empty()
+        job_dirs(&env.path("in")).is_empty()
     });
     assert_eq!(d.stop(), 0);
     assert_eq!(count_results(&env.path("in")), 1);
@@ -112,7 +112,7 @@ fn a_crash_between_publish_and_result_is_filed_as_success_not_output_exists() {
     );
     assert!(temps_in(&env.path("out")).is_empty());
     wait_until(Duration::from_secs(5), || {
-        names(&env.path("in/.work")).is_empty()
+        job_dirs(&env.path("in")).is_empty()
     });
     assert_eq!(d.stop(), 0);
 }
@@ -196,7 +196,7 @@ fn sigterm_aborts_after_grace_and_the_next_start_finishes_the_job() {
     assert_eq!(count_results(&env.path("in")), 0, "the job was not aborted");
     assert!(!env.path("out/big/out.bin").exists());
     assert!(temps_in(&env.path("out")).is_empty());
-    assert_eq!(names(&env.path("in/.work")).len(), 1);
+    assert_eq!(job_dirs(&env.path("in")).len(), 1);
     assert!(
         fs::read_to_string(log)
             .unwrap()

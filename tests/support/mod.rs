@@ -161,6 +161,14 @@ pub fn names(dir: &Path) -> Vec<String> {
     v
 }
 
+/// The job folders in `<watch>/.work/` (not the daemons' presence files beside them).
+pub fn job_dirs(watch: &Path) -> Vec<String> {
+    names(&watch.join(".work"))
+        .into_iter()
+        .filter(|n| watch.join(".work").join(n).is_dir())
+        .collect()
+}
+
 /// Every result file under `<watch>/done` and `<watch>/failed`.
 pub fn results(watch: &Path) -> Vec<Value> {
     let mut all = Vec::new();
