@@ -140,9 +140,7 @@ fn check_many(env: &Env, n: usize, sources: &[Vec<u8>]) {
         2 * n,
         "outputs and sidecars only"
     );
-    wait_until(Duration::from_secs(5), || {
-        job_dirs(&inbox).is_empty()
-    });
+    wait_until(Duration::from_secs(5), || job_dirs(&inbox).is_empty());
     assert_eq!(names(&inbox.join("done")).len(), 2 * n);
     assert!(names(&inbox.join("failed")).is_empty());
 }
