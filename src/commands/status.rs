@@ -3,6 +3,7 @@
 //! daemon runs. A claimed job counts as running only while a live daemon watches its folder;
 //! without one it waits for the next start, which resumes it.
 
+use std::io::Write;
 use std::path::Path;
 use std::time::SystemTime;
 
@@ -76,23 +77,26 @@ pub fn run(config: &Path, json: bool) -> anyhow::Result<i32> {
             latest,
         });
     }
+    let mut out = std::io::stdout().lock();
     if json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&status)?)?;
         return Ok(0);
     }
-    println!(
+    writeln!(
+        out,
         "{:<20} {:>8} {:>8} {:>8} {:>8}  DAEMON",
         "RULE", "WAITING", "RUNNING", "DONE", "FAILED"
-    );
+    )?;
     for r in &status.rules {
         let daemon = match &r.daemon {
             Some(d) => format!("pid {} since {}", d.pid, d.since),
             None => "none (claimed jobs resume when one starts)".to_owned(),
         };
-        println!(
+        writeln!(
+            out,
             "{:<20} {:>8} {:>8} {:>8} {:>8}  {daemon}",
             r.name, r.waiting, r.running, r.done, r.failed
-        );
+        )?;
     }
     for r in &status.rules {
         for res in &r.latest {
@@ -101,7 +105,11 @@ pub fn run(config: &Path, json: bool) -> anyhow::Result<i32> {
                 (Some(out), None) => format!("succeeded -> {out}"),
                 (None, None) => "succeeded".to_owned(),
             };
-            println!("{}  {}  {}  {what}", res.finished_at, r.name, res.manifest);
+            writeln!(
+                out,
+                "{}  {}  {}  {what}",
+                res.finished_at, r.name, res.manifest
+            )?;
         }
     }
     Ok(0)

@@ -138,3 +138,23 @@ fn submit_wait_gives_up_when_the_daemon_dies_while_it_waits() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no daemon is watching"));
     assert!(env.path("in/m.json").exists(), "the manifest stays dropped");
 }
+
+/// `concatd status | head`: a reader that went away is no panic and no error.
+#[test]
+fn status_into_a_closed_pipe_exits_quietly() {
+    let env = Env::new("");
+    for json in [false, true] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let mut c = env.concatd();
+        c.args(["status", "-c", "rules.yaml"]);
+        if json {
+            c.arg("--json");
+        }
+        let out = c.stdout(writer).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{err}");
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        assert!(err.is_empty(), "{err}");
+    }
+}
