@@ -7,6 +7,8 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod crash;
+mod publish;
 mod recovery;
 mod reload;
 
