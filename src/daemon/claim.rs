@@ -358,6 +358,7 @@ pub fn file_result(
         let mut json = serde_json::to_vec_pretty(result).expect("result serializes");
         json.push(b'\n');
         write_atomic(&result_path, &json, fsync)?;
+        crate::crash::point("after-result");
     }
     let manifest = dir.manifest();
     let record = dir.path.join(FILING_RECORD);
@@ -381,7 +382,10 @@ pub fn file_result(
                     rustix::fs::RenameFlags::NOREPLACE,
                 );
                 match moved {
-                    Ok(()) => break (dest.to_owned(), d),
+                    Ok(()) => {
+                        crate::crash::point("mid-filing");
+                        break (dest.to_owned(), d);
+                    }
                     Err(rustix::io::Errno::EXIST) => continue,
                     Err(e) => return Err(io("filing manifest", &to)(e.into())),
                 }
@@ -406,6 +410,7 @@ pub fn file_result(
     if fsync {
         sync_dir(dest)?;
     }
+    crate::crash::point("after-filing");
     dir.remove(fsync)?;
     Ok(filed)
 }
