@@ -102,11 +102,15 @@ fn check<'a>(root: &Path, output: &'a str) -> Result<(Vec<&'a OsStr>, &'a OsStr)
             Component::CurDir => {}
             Component::ParentDir => return Err(refuse("`..` may not appear in it".into())),
             Component::RootDir | Component::Prefix(_) => {
-                return Err(refuse("it must be relative to the rule's output_root".into()));
+                return Err(refuse(
+                    "it must be relative to the rule's output_root".into(),
+                ));
             }
         }
     }
-    let name = parts.pop().ok_or_else(|| refuse("it must name a file".into()))?;
+    let name = parts
+        .pop()
+        .ok_or_else(|| refuse("it must name a file".into()))?;
     if name.as_bytes().starts_with(b".concatd-") {
         return Err(refuse("names starting with .concatd- are reserved".into()));
     }
@@ -369,7 +373,10 @@ pub fn is_no_space(e: &std::io::Error) -> bool {
     matches!(
         e.raw_os_error().map(Errno::from_raw_os_error),
         Some(Errno::NOSPC | Errno::DQUOT | Errno::FBIG)
-    ) || matches!(e.kind(), K::StorageFull | K::QuotaExceeded | K::FileTooLarge)
+    ) || matches!(
+        e.kind(),
+        K::StorageFull | K::QuotaExceeded | K::FileTooLarge
+    )
 }
 
 /// How to publish.
@@ -449,7 +456,8 @@ impl TempOutput<'_> {
             None
         };
         crate::crash::point("after-sidecar-temp");
-        let st = rustix::fs::fstat(&self.file).map_err(|e| t.fail("inspecting temporary file", e))?;
+        let st =
+            rustix::fs::fstat(&self.file).map_err(|e| t.fail("inspecting temporary file", e))?;
         let _lock = t.lock()?;
         journal(PublishStep::Publishing(Renames {
             dev: st.st_dev,
@@ -539,7 +547,8 @@ impl OutputTarget {
             file.sync_all()
                 .map_err(|e| self.fail_io("syncing the .b3 sidecar", e))?;
         }
-        let st = rustix::fs::fstat(&file).map_err(|e| self.fail("inspecting the .b3 sidecar", e))?;
+        let st =
+            rustix::fs::fstat(&file).map_err(|e| self.fail("inspecting the .b3 sidecar", e))?;
         Ok(st.st_ino)
     }
 
@@ -671,9 +680,18 @@ mod tests {
             output_ino: ino(&temp_name("j1")).ino(),
             sidecar_ino: Some(b3_ino),
         };
-        for (temp, name) in [(temp_name("j1"), "o.bin"), (sidecar_temp_name("j1"), "o.bin.b3")] {
-            rustix::fs::renameat_with(&target.dir, temp.as_str(), &target.dir, name, RenameFlags::EXCHANGE)
-                .unwrap();
+        for (temp, name) in [
+            (temp_name("j1"), "o.bin"),
+            (sidecar_temp_name("j1"), "o.bin.b3"),
+        ] {
+            rustix::fs::renameat_with(
+                &target.dir,
+                temp.as_str(),
+                &target.dir,
+                name,
+                RenameFlags::EXCHANGE,
+            )
+            .unwrap();
         }
         assert!(target.recover_publish("j1", renames, &hash, how).unwrap());
         assert_eq!(std::fs::read(dir.path().join("o.bin")).unwrap(), b"new");
@@ -681,7 +699,10 @@ mod tests {
             std::fs::read_to_string(dir.path().join("o.bin.b3")).unwrap(),
             crate::checksum::sidecar_line(&hash, "o.bin")
         );
-        let mut left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         left.sort();
         assert_eq!(left, ["o.bin", "o.bin.b3"]);
     }

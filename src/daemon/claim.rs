@@ -35,7 +35,7 @@ use rustix::fs::FlockOperation;
 use super::watch::WORK_DIR;
 use crate::result::JobResult;
 
-/// The job's journal written just before the output is renamed into place (see `recover`).
+/// The job's journal: its latest durable step (copying, publishing, published; see `recover`).
 /// The daemon's own files in a job folder start with `.`: the watcher never takes such a name,
 /// so no claimed manifest can have it.
 pub const PUBLISH_JOURNAL: &str = ".publish.json";

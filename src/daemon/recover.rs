@@ -119,7 +119,10 @@ pub fn write_journal(
         ino: renames.map_or(0, |r| r.output_ino),
         sidecar_ino: renames.and_then(|r| r.sidecar_ino),
         size: step.size,
-        blake3: step.hash.map(|h| h.to_hex().to_string()).unwrap_or_default(),
+        blake3: step
+            .hash
+            .map(|h| h.to_hex().to_string())
+            .unwrap_or_default(),
         sources: step.sources,
         started_at: started_at.to_owned(),
     };

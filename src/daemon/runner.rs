@@ -81,9 +81,8 @@ pub fn run_item(item: Item, rule: &Rule, cancel: &AtomicBool) {
     let _job = job_span.enter();
     let started_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
     let journal_dir = dir.path.clone();
-    let hook = move |step: &JobStep| {
-        recover::write_journal(&journal_dir, step, &started_at, rule.fsync)
-    };
+    let hook =
+        move |step: &JobStep| recover::write_journal(&journal_dir, step, &started_at, rule.fsync);
     let ctx = JobContext {
         rule,
         job_id: dir.id.clone(),

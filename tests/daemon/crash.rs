@@ -39,7 +39,10 @@ fn run_until_crash(env: &Env, point: &str, name: &str, manifest: &str) {
     };
     assert!(!status.success(), "{point}: {status:?}");
     assert!(
-        log().contains(&format!("crash point {point}")),
+        log().contains(&format!(
+            "crash point {}:",
+            point.split('@').next().unwrap()
+        )),
         "{point}: {}",
         log()
     );
@@ -85,7 +88,10 @@ fn crash_and_recover(point: &str, output: &str, overwrite: bool) {
     let all = results(&env.path("in"));
     assert_eq!(all.len(), 1, "{point}: {all:?}");
     let r = &all[0];
-    assert_eq!(r["status"], "succeeded", "{point} (overwrite {overwrite}): {r}");
+    assert_eq!(
+        r["status"], "succeeded",
+        "{point} (overwrite {overwrite}): {r}"
+    );
     let bytes = fs::read(&out).unwrap();
     assert!(
         bytes == new || (overwrite && bytes == old),

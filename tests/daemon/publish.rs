@@ -12,7 +12,10 @@ use serde_json::Value;
 /// The `.b3` line that belongs to the output at `out` (today's bytes there).
 pub fn sidecar_of(out: &Path) -> String {
     let name = out.file_name().unwrap().to_str().unwrap();
-    format!("{}  {name}\n", blake3::hash(&fs::read(out).unwrap()).to_hex())
+    format!(
+        "{}  {name}\n",
+        blake3::hash(&fs::read(out).unwrap()).to_hex()
+    )
 }
 
 /// Every temporary name of ours (`.concatd-*`) under `dir`, folders included.
@@ -29,7 +32,10 @@ fn concurrent_overwrite_jobs_leave_each_output_with_its_own_sidecar() {
     let (outputs, per) = (250, 4);
     for o in 0..outputs {
         for k in 0..per {
-            env.data(&format!("s{o}-{k}"), format!("output {o} by job {k}\n").as_bytes());
+            env.data(
+                &format!("s{o}-{k}"),
+                format!("output {o} by job {k}\n").as_bytes(),
+            );
         }
     }
     for o in 0..outputs {
