@@ -257,12 +257,13 @@ pub fn assess(dir: JobDir, rule: &Rule) -> Result<Plan, ClaimError> {
                 output_ino: j.ino,
                 sidecar_ino: j.sidecar_ino,
             };
-            // Older journals: no record of overwrite; replace a .b3 as they did.
-            let overwrite = j.overwrite || j.output_root.is_none();
+            // Older journals recorded neither overwrite nor the sidecar: replace a .b3 as they
+            // did, if the rule has one.
+            let legacy = j.output_root.is_none();
             let how = Publish {
-                overwrite,
+                overwrite: j.overwrite || legacy,
                 fsync: rule.fsync,
-                sidecar: rule.checksum_file,
+                sidecar: j.sidecar_ino.is_some() || (legacy && rule.checksum_file),
             };
             match t.recover_publish(&dir.id, renames, &hash, how) {
                 Ok(true) => {
