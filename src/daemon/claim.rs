@@ -40,6 +40,11 @@ use crate::result::JobResult;
 /// so no claimed manifest can have it.
 pub const PUBLISH_JOURNAL: &str = ".publish.json";
 
+/// The record that the job's output is published (`state: published`; see `recover`). A file of
+/// its own, written without fsync: losing it falls back to the durable `publishing` journal,
+/// never damages it.
+pub const PUBLISHED_RECORD: &str = ".published.json";
+
 /// Where the manifest is being filed (step 2): the full path it is renamed to.
 pub const FILING_RECORD: &str = ".filing";
 

@@ -1,9 +1,12 @@
 //! Recovery of jobs a dead daemon left claimed in `<watch>/.work/`.
 //!
 //! # The job folder's state machine
-//! A job is in exactly one of these states; each transition is one durable step (the record
-//! that announces an action is written, and synced when the rule asks for fsync, before the
-//! action), so a crash anywhere leaves a state [`JobState::read`] finds again, and recovery
+//! A job is in exactly one of these states; each transition is one step whose record is written
+//! before the action it announces (synced, when the rule asks for fsync, where losing it to a
+//! power failure would mislead recovery: `publishing`, the result, the filing record; the
+//! `copying` and `published` records fall back to the state before them, whose recovery covers
+//! theirs, so they cost no sync), so a crash anywhere leaves a state [`JobState::read`] finds
+//! again, and recovery
 //! ([`assess`]) is a function of that state alone — plus, for `Publishing`, the inodes at the
 //! output's names, looked up relative to the output folder's descriptor, which tell which side
 //! of each rename the crash fell on.
@@ -13,7 +16,7 @@
 //! | `Claimed` | the manifest, no journal | the claim's rename | rerun |
 //! | `Copying` | `.publish.json` `state: copying` (output root and path) | before the temporary file is created | remove the temporary files, rerun (resuming a half-copied output would start here) |
 //! | `Publishing` | `state: publishing` + inodes of temp output and temp sidecar, overwrite, size, BLAKE3 | under the output folder's lock, before the first rename | under that lock: our output inode at the output name → finish (sidecar into place unless ours is there already), file success; otherwise remove temps, rerun |
-//! | `Published` | `state: published` | after both renames and the folder's fsync, still under the lock | remove the temps (the earlier files an overwrite exchanged out), file success |
+//! | `Published` | `.published.json`, `state: published` | after both renames and the folder's fsync, still under the lock | remove the temps (the earlier files an overwrite exchanged out), file success |
 //! | `ResultWritten` | `.result.json` | the result written (temp, fsync, rename) | file it |
 //! | `Filing` | `.result.json` + `.filing` (where the manifest goes) | before the manifest's rename to `done/`/`failed/` | finish filing (`claim::file_result`) |
 //! | `Gone` | `.filing` without `.result.json`, or no manifest at all | the result's rename into `done/`/`failed/` | remove the folder |
@@ -127,7 +130,17 @@ pub fn write_journal(
         started_at: started_at.to_owned(),
     };
     let bytes = serde_json::to_vec(&journal).map_err(std::io::Error::other)?;
-    claim::write_atomic(&dir.join(claim::PUBLISH_JOURNAL), &bytes, fsync).map_err(|e| {
+    // Only `publishing` must be durable before its action (the renames). A lost `copying`
+    // record leaves `Claimed`, whose recovery finds the temporary file through the manifest; a
+    // lost `published` record leaves `Publishing`, whose recovery finds the renames done. Neither
+    // costs a sync, and `published` goes to a file of its own so that it cannot damage the
+    // durable record if power fails while it is being replaced.
+    let (name, fsync) = match step.stage {
+        Stage::Copying => (claim::PUBLISH_JOURNAL, false),
+        Stage::Publishing => (claim::PUBLISH_JOURNAL, fsync),
+        Stage::Published => (claim::PUBLISHED_RECORD, false),
+    };
+    claim::write_atomic(&dir.join(name), &bytes, fsync).map_err(|e| {
         // Keep the kind (a full disk is `no_space`) along with the message.
         let claim::ClaimError::Io { source, .. } = &e;
         std::io::Error::new(source.kind(), e)
@@ -188,9 +201,12 @@ impl JobState {
             // Filed (the result left last), or crashed while claiming.
             return Self::Gone;
         }
-        let journal = std::fs::read(dir.journal())
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Journal>(&b).ok());
+        let read = |name| {
+            std::fs::read(dir.path.join(name))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Journal>(&b).ok())
+        };
+        let journal = read(claim::PUBLISHED_RECORD).or_else(|| read(claim::PUBLISH_JOURNAL));
         match journal {
             None => Self::Claimed,
             Some(j) => match j.state {
@@ -290,6 +306,7 @@ pub fn assess(dir: JobDir, rule: &Rule) -> Result<Plan, ClaimError> {
 
 /// Back to `Claimed`: the journal goes, the job runs again under its id.
 fn rerun(dir: JobDir) -> Result<Plan, ClaimError> {
+    let _ = std::fs::remove_file(dir.path.join(claim::PUBLISHED_RECORD));
     let _ = std::fs::remove_file(dir.journal());
     Ok(Plan::Rerun(dir))
 }
@@ -364,9 +381,11 @@ mod tests {
             *seen.lock().unwrap(),
             [Stage::Copying, Stage::Publishing, Stage::Published]
         );
-        let journal: Journal =
-            serde_json::from_slice(&std::fs::read(job_dir.join(claim::PUBLISH_JOURNAL)).unwrap())
-                .unwrap();
+        let read = |name| -> Journal {
+            serde_json::from_slice(&std::fs::read(job_dir.join(name)).unwrap()).unwrap()
+        };
+        assert_eq!(read(claim::PUBLISH_JOURNAL).state, Stage::Publishing);
+        let journal = read(claim::PUBLISHED_RECORD);
         let out = std::fs::metadata(dir.path().join("out/o.bin")).unwrap();
         let b3 = std::fs::metadata(dir.path().join("out/o.bin.b3")).unwrap();
         assert_eq!(journal.state, Stage::Published);
