@@ -397,6 +397,36 @@ mod tests {
         assert_eq!(result.blake3.as_deref(), Some(journal.blake3.as_str()));
     }
 
+    /// Each recorded state is read back as itself, the latest record winning.
+    #[test]
+    fn job_folder_states_are_read_from_their_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let watch = dir.path();
+        std::fs::write(watch.join("m.json"), "{}").unwrap();
+        let job = claim::claim(watch, std::ffi::OsStr::new("m.json"), "j1")
+            .unwrap()
+            .unwrap();
+        let state = |job: &JobDir| format!("{:?}", JobState::read(job));
+        assert_eq!(state(&job), "Claimed");
+        let journal = |stage: &str| {
+            format!(r#"{{"state":"{stage}","output_root":"/o","output":"x","started_at":"t"}}"#)
+        };
+        let write = |name: &str, text: &str| std::fs::write(job.path.join(name), text).unwrap();
+        write(claim::PUBLISH_JOURNAL, &journal("copying"));
+        assert!(state(&job).starts_with("Copying("));
+        write(claim::PUBLISH_JOURNAL, &journal("publishing"));
+        assert!(state(&job).starts_with("Publishing("));
+        write(claim::PUBLISHED_RECORD, &journal("published"));
+        assert!(state(&job).starts_with("Published("));
+        let result = r#"{"status":"succeeded","rule":"r","manifest":"m.json","job_id":"j1","started_at":"","finished_at":"","duration_ms":0}"#;
+        write(claim::JOB_RESULT, result);
+        assert!(state(&job).starts_with("ResultWritten("));
+        write(claim::FILING_RECORD, "/w/done/m.json");
+        assert!(state(&job).starts_with("Filing {"));
+        std::fs::remove_file(job.result_path()).unwrap();
+        assert_eq!(state(&job), "Gone");
+    }
+
     /// A journal of an older daemon (no state, absolute output) still reads as publishing.
     #[test]
     fn an_older_journal_reads_as_publishing() {
