@@ -11,19 +11,31 @@
 //! Dropping a [`TempOutput`] removes its temporary names: its own bytes when unpublished, the
 //! earlier file an overwrite exchanged out when published.
 //!
+//! Output and sidecar are one unit: both renames (and recovery's look at them) happen under an
+//! exclusive `flock` of the output's folder, so no other job's publish falls between them, and
+//! the caller records the inodes about to be renamed ([`PublishStep::Publishing`]) before the
+//! first, so that recovery can tell which side of each rename a crash fell on.
+//!
+//! Beside this file: [`name`] (the output names that can be published, checked before any byte)
+//! and [`recover`] (finishing or undoing a publish a crash interrupted).
+//!
 //! Temporary names are `.concatd-<job id>.tmp` (and `.concatd-<job id>.b3.tmp`), so whoever knows a
 //! job's id — the daemon recovering after a crash — can find and remove them.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::fd::OwnedFd;
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use rustix::fs::{
     AtFlags, FallocateFlags, FileType, FlockOperation, Mode, OFlags, RenameFlags, ResolveFlags,
 };
 use rustix::io::Errno;
+
+mod name;
+mod recover;
+
+use name::{SIDECAR_EXT, check};
 
 /// Why the output cannot be written or published.
 #[derive(Debug, thiserror::Error)]
@@ -64,12 +76,6 @@ fn sidecar_name(name: &OsStr) -> OsString {
     b3
 }
 
-/// The longest path the kernel takes, its terminating NUL included (`PATH_MAX` of Linux).
-pub const PATH_MAX: usize = 4096;
-
-/// The longest file name (`NAME_MAX` of Linux filesystems), in bytes.
-pub const NAME_MAX: usize = 255;
-
 /// A checked output location: its folder is open, and lies beneath the rule's `output_root`.
 pub struct OutputTarget {
     dir: OwnedFd,
@@ -79,70 +85,6 @@ pub struct OutputTarget {
     /// along with the output.
     created_in: Vec<OwnedFd>,
 }
-
-/// The folders and the file name of `output`, checked: relative, no `..`, not in our temp-name
-/// space, no NUL byte, every name within `NAME_MAX` (the file's with room for `.b3`), and the whole
-/// path beneath `root` within `PATH_MAX` (room for the sidecar and our temporary names kept), so
-/// that nothing the publish does can fail for the name after the copy.
-fn check<'a>(root: &Path, output: &'a str) -> Result<(Vec<&'a OsStr>, &'a OsStr), OutputError> {
-    let refuse = |reason: String| OutputError::NotAllowed {
-        output: output.escape_debug().to_string(),
-        reason,
-    };
-    if output.is_empty() || output.ends_with('/') {
-        return Err(refuse("it must name a file".into()));
-    }
-    if output.contains('\0') {
-        return Err(refuse("it may not contain a NUL byte".into()));
-    }
-    let mut parts = Vec::new();
-    for c in Path::new(output).components() {
-        match c {
-            Component::Normal(p) => parts.push(p),
-            Component::CurDir => {}
-            Component::ParentDir => return Err(refuse("`..` may not appear in it".into())),
-            Component::RootDir | Component::Prefix(_) => {
-                return Err(refuse(
-                    "it must be relative to the rule's output_root".into(),
-                ));
-            }
-        }
-    }
-    let name = parts
-        .pop()
-        .ok_or_else(|| refuse("it must name a file".into()))?;
-    if name.as_bytes().starts_with(b".concatd-") {
-        return Err(refuse("names starting with .concatd- are reserved".into()));
-    }
-    for part in &parts {
-        if part.len() > NAME_MAX {
-            return Err(refuse(format!(
-                "a folder name of {} bytes is longer than {NAME_MAX}",
-                part.len()
-            )));
-        }
-    }
-    if name.len() + SIDECAR_EXT.len() > NAME_MAX {
-        return Err(refuse(format!(
-            "its file name of {} bytes leaves no room for the {SIDECAR_EXT} sidecar ({NAME_MAX} at most)",
-            name.len()
-        )));
-    }
-    let folder: usize = root.as_os_str().len() + parts.iter().map(|p| p.len() + 1).sum::<usize>();
-    let longest = (name.len() + SIDECAR_EXT.len()).max(TEMP_NAME_LEN);
-    if folder + 1 + longest >= PATH_MAX {
-        return Err(refuse(format!(
-            "the whole path would be longer than PATH_MAX ({PATH_MAX} bytes)"
-        )));
-    }
-    Ok((parts, name))
-}
-
-/// What the `.b3` sidecar's name adds to the output's.
-const SIDECAR_EXT: &str = ".b3";
-
-/// The longest temporary name of ours beside an output (a job id is 32 hex digits).
-const TEMP_NAME_LEN: usize = ".concatd-".len() + 32 + ".b3.tmp".len();
 
 impl OutputTarget {
     /// Check `output` (see [`check`]) and create its parent folders beneath `root`, refusing any
@@ -551,61 +493,6 @@ impl OutputTarget {
             rustix::fs::fstat(&file).map_err(|e| self.fail("inspecting the .b3 sidecar", e))?;
         Ok(st.st_ino)
     }
-
-    /// Finish or undo, after a crash, the publish of job `job_id` that recorded `renames` before
-    /// its first rename — decided by the inodes at the output's and the sidecar's names, under the
-    /// folder's publish lock. True when the output is published (its sidecar then put in place
-    /// if the crash came before that rename); false when the job's output is not there (nothing
-    /// of it is visible: it may run again). The job's temporary names are removed either way.
-    pub fn recover_publish(
-        &self,
-        job_id: &str,
-        renames: Renames,
-        hash: &blake3::Hash,
-        how: Publish,
-    ) -> Result<bool, OutputError> {
-        let _lock = self.lock()?;
-        let ours = |name: &OsStr, ino: u64| self.inode_at(name) == Some((renames.dev, ino));
-        if !ours(&self.name, renames.output_ino) {
-            // The crash came before the output's rename (or the job undid it).
-            self.remove_temps(job_id);
-            return Ok(false);
-        }
-        if how.sidecar {
-            let b3 = sidecar_name(&self.name);
-            let temp = sidecar_temp_name(job_id);
-            let in_place = match renames.sidecar_ino {
-                Some(ino) => ours(&b3, ino),
-                // An older daemon's journal: whatever waits under the temporary name is ours.
-                None => self.inode_at(OsStr::new(&temp)).is_none(),
-            };
-            if !in_place {
-                let waiting = match renames.sidecar_ino {
-                    Some(ino) => ours(OsStr::new(&temp), ino),
-                    None => true,
-                };
-                if !waiting {
-                    // Exchanged out by nothing we know of: write it again.
-                    self.write_sidecar_temp(&temp, hash, how.fsync)?;
-                }
-                match self.place(&temp, &b3, how.overwrite) {
-                    Ok(_) => {}
-                    Err(Errno::EXIST) => {
-                        // Another .b3 appeared, as a live publish would have found: undo.
-                        self.unplace(&temp_name(job_id), &self.name, false);
-                        self.remove_temps(job_id);
-                        return Ok(false);
-                    }
-                    Err(e) => return Err(self.fail("publishing the .b3 sidecar", e)),
-                }
-            }
-        }
-        if how.fsync {
-            self.sync_folders(false)?;
-        }
-        self.remove_temps(job_id);
-        Ok(true)
-    }
 }
 
 impl Drop for TempOutput<'_> {
@@ -651,85 +538,5 @@ mod tests {
             Err(OutputError::NotAllowed { .. })
         ));
         assert!(OutputTarget::new(dir.path(), &"n".repeat(252)).is_ok());
-    }
-
-    /// Overwrite, crashed after the sidecar's exchange: the earlier files wait under our
-    /// temporary names. Recovery keeps the new pair and removes the old one.
-    #[test]
-    fn recovery_after_an_exchange_keeps_the_new_output_and_sidecar() {
-        let dir = tempfile::tempdir().unwrap();
-        let target = OutputTarget::new(dir.path(), "o.bin").unwrap();
-        std::fs::write(dir.path().join("o.bin"), b"old").unwrap();
-        std::fs::write(dir.path().join("o.bin.b3"), b"old b3").unwrap();
-        let hash = blake3::hash(b"new");
-        let how = Publish {
-            overwrite: true,
-            fsync: false,
-            sidecar: true,
-        };
-        // The state a crash after both exchanges leaves: the new pair in place, the old one under
-        // our temporary names.
-        let ino = |name: &str| std::fs::metadata(dir.path().join(name)).unwrap();
-        std::fs::write(dir.path().join(temp_name("j1")), b"new").unwrap();
-        let b3_ino = target
-            .write_sidecar_temp(&sidecar_temp_name("j1"), &hash, false)
-            .unwrap();
-        use std::os::unix::fs::MetadataExt;
-        let renames = Renames {
-            dev: ino(&temp_name("j1")).dev(),
-            output_ino: ino(&temp_name("j1")).ino(),
-            sidecar_ino: Some(b3_ino),
-        };
-        for (temp, name) in [
-            (temp_name("j1"), "o.bin"),
-            (sidecar_temp_name("j1"), "o.bin.b3"),
-        ] {
-            rustix::fs::renameat_with(
-                &target.dir,
-                temp.as_str(),
-                &target.dir,
-                name,
-                RenameFlags::EXCHANGE,
-            )
-            .unwrap();
-        }
-        assert!(target.recover_publish("j1", renames, &hash, how).unwrap());
-        assert_eq!(std::fs::read(dir.path().join("o.bin")).unwrap(), b"new");
-        assert_eq!(
-            std::fs::read_to_string(dir.path().join("o.bin.b3")).unwrap(),
-            crate::checksum::sidecar_line(&hash, "o.bin")
-        );
-        let mut left: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        left.sort();
-        assert_eq!(left, ["o.bin", "o.bin.b3"]);
-    }
-
-    #[test]
-    fn publish_creates_parents_and_refuses_to_clobber() {
-        let dir = tempfile::tempdir().unwrap();
-        let target = OutputTarget::new(dir.path(), "a/b/out.bin").unwrap();
-        let hash = blake3::hash(b"");
-        let how = Publish {
-            overwrite: false,
-            fsync: true,
-            sidecar: true,
-        };
-        target
-            .create_temp("j1", 0)
-            .unwrap()
-            .publish(&hash, how, |_| Ok::<(), OutputError>(()))
-            .unwrap();
-        assert!(dir.path().join("a/b/out.bin.b3").exists());
-        let err = target
-            .create_temp("j2", 0)
-            .unwrap()
-            .publish(&hash, how, |_| Ok::<(), OutputError>(()))
-            .unwrap_err();
-        assert!(matches!(err, OutputError::Exists { .. }));
-        let left: Vec<_> = std::fs::read_dir(dir.path().join("a/b")).unwrap().collect();
-        assert_eq!(left.len(), 2, "temp files were removed");
     }
 }
