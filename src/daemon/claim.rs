@@ -35,10 +35,15 @@ use rustix::fs::FlockOperation;
 use super::watch::WORK_DIR;
 use crate::result::JobResult;
 
-/// The job's journal written just before the output is renamed into place (see `recover`).
+/// The job's journal: its latest durable step (copying, publishing, published; see `recover`).
 /// The daemon's own files in a job folder start with `.`: the watcher never takes such a name,
 /// so no claimed manifest can have it.
 pub const PUBLISH_JOURNAL: &str = ".publish.json";
+
+/// The record that the job's output is published (`state: published`; see `recover`). A file of
+/// its own, written without fsync: losing it falls back to the durable `publishing` journal,
+/// never damages it.
+pub const PUBLISHED_RECORD: &str = ".published.json";
 
 /// Where the manifest is being filed (step 2): the full path it is renamed to.
 pub const FILING_RECORD: &str = ".filing";
@@ -358,6 +363,7 @@ pub fn file_result(
         let mut json = serde_json::to_vec_pretty(result).expect("result serializes");
         json.push(b'\n');
         write_atomic(&result_path, &json, fsync)?;
+        crate::crash::point("after-result");
     }
     let manifest = dir.manifest();
     let record = dir.path.join(FILING_RECORD);
@@ -381,7 +387,10 @@ pub fn file_result(
                     rustix::fs::RenameFlags::NOREPLACE,
                 );
                 match moved {
-                    Ok(()) => break (dest.to_owned(), d),
+                    Ok(()) => {
+                        crate::crash::point("mid-filing");
+                        break (dest.to_owned(), d);
+                    }
                     Err(rustix::io::Errno::EXIST) => continue,
                     Err(e) => return Err(io("filing manifest", &to)(e.into())),
                 }
@@ -406,6 +415,7 @@ pub fn file_result(
     if fsync {
         sync_dir(dest)?;
     }
+    crate::crash::point("after-filing");
     dir.remove(fsync)?;
     Ok(filed)
 }

@@ -1,21 +1,40 @@
 //! Recovery of jobs a dead daemon left claimed in `<watch>/.work/`.
 //!
-//! # Invariant: exactly one result per manifest
-//! - A manifest is in exactly one place: the watch folder (waiting), `.work/<id>/` (claimed, the
-//!   folder `flock`ed while a live daemon works on it), or `done/`/`failed/` *with* its result:
-//!   the result is durable in the job folder before the manifest is renamed out, and the job folder
-//!   goes only after both are filed (`claim::file_result`).
-//! - Before the job renames its output into place it durably records `.publish.json` in its job
-//!   folder: output path, device and inode of the finished temporary file, size, BLAKE3. A rename
-//!   keeps the inode, so after a crash "the output path holds that very inode" proves the job got
-//!   as far as publishing: it is filed as succeeded (sidecar moved into place if the crash came
-//!   between the two renames) instead of being rerun into a spurious `output_exists`.
-//! - Otherwise nothing of the job is visible at the output path: its temporary files
-//!   (`.concatd-<id>.tmp`, `.b3.tmp`) are removed and it is rerun under the same job id.
+//! # The job folder's state machine
+//! A job is in exactly one of these states; each transition is one step whose record is written
+//! before the action it announces (synced, when the rule asks for fsync, where losing it to a
+//! power failure would mislead recovery: `publishing`, the result, the filing record; the
+//! `copying` and `published` records fall back to the state before them, whose recovery covers
+//! theirs, so they cost no sync), so a crash anywhere leaves a state [`JobState::read`] finds
+//! again, and recovery
+//! ([`assess`]) is a function of that state alone — plus, for `Publishing`, the inodes at the
+//! output's names, looked up relative to the output folder's descriptor, which tell which side
+//! of each rename the crash fell on.
 //!
+//! | state | recorded as (in `.work/<id>/`) | entered by | recovery |
+//! |---|---|---|---|
+//! | `Claimed` | the manifest, no journal | the claim's rename | rerun |
+//! | `Copying` | `.publish.json` `state: copying` (output root and path) | before the temporary file is created | remove the temporary files, rerun (resuming a half-copied output would start here) |
+//! | `Publishing` | `state: publishing` + inodes of temp output and temp sidecar, overwrite, size, BLAKE3 | under the output folder's lock, before the first rename | under that lock: our output inode at the output name → finish (sidecar into place unless ours is there already), file success; otherwise remove temps, rerun |
+//! | `Published` | `.published.json`, `state: published` | after both renames and the folder's fsync, still under the lock | remove the temps (the earlier files an overwrite exchanged out), file success |
+//! | `ResultWritten` | `.result.json` | the result written (temp, fsync, rename) | file it |
+//! | `Filing` | `.result.json` + `.filing` (where the manifest goes) | before the manifest's rename to `done/`/`failed/` | finish filing (`claim::file_result`) |
+//! | `Gone` | `.filing` without `.result.json`, or no manifest at all | the result's rename into `done/`/`failed/` | remove the folder |
+//!
+//! The output folder's publish lock (an `flock` taken by every publish and every recovery of
+//! one) makes an output and its `.b3` one unit: no other job's rename falls between the two, so
+//! concurrent overwrites of one output never leave one job's bytes beside another's sidecar, and
+//! the inodes recovery reads cannot change under it.
+//!
+//! Folders left by older daemons: a journal without `state` (written just before publishing,
+//! with an absolute output path and no sidecar inode) is read as `Publishing`; the older result
+//! layout (`NAME.result.json` in the job folder) is renamed by `JobDir::lock_existing`.
+//!
+//! # Invariant: exactly one result per manifest
+//! A manifest is in exactly one place: the watch folder (waiting), `.work/<id>/` (claimed, the
+//! folder `flock`ed while a live daemon works on it), or `done/`/`failed/` *with* its result.
 //! A job folder whose lock cannot be taken belongs to a live daemon and is left alone.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -23,41 +42,109 @@ use serde::{Deserialize, Serialize};
 use super::claim::{self, ClaimError, JobDir};
 use super::watch::WORK_DIR;
 use crate::config::Rule;
-use crate::job::PublishPoint;
+use crate::job::{JobStep, Stage};
+use crate::output::{OutputTarget, Publish, Renames};
 use crate::result::{JobResult, Status};
 
-/// What a job records just before publishing (`.publish.json`).
+/// The job journal (`.publish.json`): the latest durable step of the job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Journal {
+    /// Older daemons wrote the journal only just before publishing, without a state.
+    #[serde(default = "publishing")]
+    pub state: Stage,
+    /// The rule's `output_root` as the job opened it; absent in older journals, whose `output`
+    /// is an absolute path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_root: Option<PathBuf>,
+    /// The manifest's `output`, relative to `output_root`.
     pub output: PathBuf,
+    #[serde(default)]
+    pub overwrite: bool,
+    /// Device and inode of the temporary output (from `publishing` on).
+    #[serde(default)]
     pub dev: u64,
+    #[serde(default)]
     pub ino: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar_ino: Option<u64>,
+    #[serde(default)]
     pub size: u64,
+    #[serde(default)]
     pub blake3: String,
+    #[serde(default)]
     pub sources: u64,
     pub started_at: String,
 }
 
-/// Record `point` in the job folder `dir`, durably when `fsync`.
+fn publishing() -> Stage {
+    Stage::Publishing
+}
+
+impl Journal {
+    /// The output's target, its folders opened relative to one another (nothing created);
+    /// `None` when a folder is missing or the recorded output is no longer acceptable.
+    fn target(&self) -> Option<OutputTarget> {
+        let (root, rel) = match &self.output_root {
+            Some(root) => (root.clone(), self.output.clone()),
+            None => (
+                self.output.parent()?.to_owned(),
+                PathBuf::from(self.output.file_name()?),
+            ),
+        };
+        OutputTarget::existing_folder(&root, rel.to_str()?)
+            .ok()
+            .flatten()
+    }
+
+    /// The absolute path of the output, as results show it.
+    fn path(&self) -> PathBuf {
+        match &self.output_root {
+            Some(root) => root.join(&self.output),
+            None => self.output.clone(),
+        }
+    }
+}
+
+/// Record `step` in the job folder `dir` (replacing the previous record), durably when `fsync`.
 pub fn write_journal(
     dir: &Path,
-    point: &PublishPoint,
+    step: &JobStep,
     started_at: &str,
     fsync: bool,
 ) -> std::io::Result<()> {
-    let meta = point.file.metadata()?;
+    let renames = step.renames;
     let journal = Journal {
-        output: point.output.to_owned(),
-        dev: meta.dev(),
-        ino: meta.ino(),
-        size: point.size,
-        blake3: point.hash.to_hex().to_string(),
-        sources: point.sources,
+        state: step.stage,
+        output_root: Some(step.output_root.to_owned()),
+        output: PathBuf::from(step.output),
+        overwrite: step.overwrite,
+        dev: renames.map_or(0, |r| r.dev),
+        ino: renames.map_or(0, |r| r.output_ino),
+        sidecar_ino: renames.and_then(|r| r.sidecar_ino),
+        size: step.size,
+        blake3: step
+            .hash
+            .map(|h| h.to_hex().to_string())
+            .unwrap_or_default(),
+        sources: step.sources,
         started_at: started_at.to_owned(),
     };
     let bytes = serde_json::to_vec(&journal).map_err(std::io::Error::other)?;
-    claim::write_atomic(&dir.join(claim::PUBLISH_JOURNAL), &bytes, fsync)
-        .map_err(std::io::Error::other)
+    // Only `publishing` must be durable before its action (the renames). A lost `copying`
+    // record leaves `Claimed`, whose recovery finds the temporary file through the manifest; a
+    // lost `published` record leaves `Publishing`, whose recovery finds the renames done. Neither
+    // costs a sync, and `published` goes to a file of its own so that it cannot damage the
+    // durable record if power fails while it is being replaced.
+    let (name, fsync) = match step.stage {
+        Stage::Copying => (claim::PUBLISH_JOURNAL, false),
+        Stage::Publishing => (claim::PUBLISH_JOURNAL, fsync),
+        Stage::Published => (claim::PUBLISHED_RECORD, false),
+    };
+    claim::write_atomic(&dir.join(name), &bytes, fsync).map_err(|e| {
+        // Keep the kind (a full disk is `no_space`) along with the message.
+        let claim::ClaimError::Io { source, .. } = &e;
+        std::io::Error::new(source.kind(), e)
+    })
 }
 
 /// The job folders in `<watch>/.work/`, oldest job id (uuid v7: time-ordered) first.
@@ -76,6 +163,61 @@ pub fn list(watch: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(dirs)
 }
 
+/// The state of a job folder, as its records say (see the table above).
+#[derive(Debug)]
+pub enum JobState {
+    Claimed,
+    Copying(Journal),
+    Publishing(Journal),
+    Published(Journal),
+    ResultWritten(Box<JobResult>),
+    /// The manifest is being (or was) renamed to the recorded destination.
+    Filing {
+        result: Box<JobResult>,
+        dest: PathBuf,
+    },
+    Gone,
+}
+
+impl JobState {
+    /// Read the state of the locked job folder `dir`.
+    pub fn read(dir: &JobDir) -> Self {
+        let record = dir.path.join(claim::FILING_RECORD);
+        if let Ok(bytes) = std::fs::read(dir.result_path())
+            && let Ok(result) = serde_json::from_slice::<JobResult>(&bytes)
+        {
+            let result = Box::new(result);
+            return match std::fs::read(&record) {
+                Ok(dest) => Self::Filing {
+                    result,
+                    dest: PathBuf::from(std::ffi::OsString::from(
+                        String::from_utf8_lossy(&dest).into_owned(),
+                    )),
+                },
+                Err(_) => Self::ResultWritten(result),
+            };
+        }
+        if record.exists() || dir.name.is_empty() || !dir.manifest().exists() {
+            // Filed (the result left last), or crashed while claiming.
+            return Self::Gone;
+        }
+        let read = |name| {
+            std::fs::read(dir.path.join(name))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Journal>(&b).ok())
+        };
+        let journal = read(claim::PUBLISHED_RECORD).or_else(|| read(claim::PUBLISH_JOURNAL));
+        match journal {
+            None => Self::Claimed,
+            Some(j) => match j.state {
+                Stage::Copying => Self::Copying(j),
+                Stage::Publishing => Self::Publishing(j),
+                Stage::Published => Self::Published(j),
+            },
+        }
+    }
+}
+
 /// What to do with a job folder found at start.
 pub enum Plan {
     /// Nothing left to do (filed already, or empty): the folder was removed.
@@ -86,107 +228,128 @@ pub enum Plan {
     Rerun(JobDir),
 }
 
-/// Decide what a locked, abandoned job folder needs.
+/// Decide what a locked, abandoned job folder needs, from its state alone.
 pub fn assess(dir: JobDir, rule: &Rule) -> Result<Plan, ClaimError> {
-    // The result is written before anything leaves the folder: resume filing.
-    if let Ok(bytes) = std::fs::read(dir.result_path())
-        && let Ok(result) = serde_json::from_slice::<JobResult>(&bytes)
-    {
-        return Ok(Plan::File(dir, Box::new(result)));
+    let state = JobState::read(&dir);
+    tracing::debug!(job_id = %dir.id, state = ?state, "recovering");
+    match state {
+        JobState::Gone => {
+            dir.remove(false)?;
+            Ok(Plan::Gone)
+        }
+        JobState::ResultWritten(result) => Ok(Plan::File(dir, result)),
+        JobState::Filing { result, dest } => {
+            tracing::info!(job_id = %dir.id, to = %dest.display(), "resuming the filing of the manifest");
+            Ok(Plan::File(dir, result))
+        }
+        JobState::Claimed => {
+            // An older daemon wrote no journal before its temporary file: look where the
+            // manifest says the output goes.
+            if let Some(t) = crate::manifest::Manifest::load(&dir.manifest())
+                .ok()
+                .and_then(|m| OutputTarget::existing_folder(&rule.output_root, &m.output).ok())
+                .flatten()
+            {
+                removed_temps(&dir, t.remove_temps(&dir.id));
+            }
+            rerun(dir)
+        }
+        JobState::Copying(j) => {
+            if let Some(t) = j.target() {
+                removed_temps(&dir, t.remove_temps(&dir.id));
+            }
+            rerun(dir)
+        }
+        JobState::Publishing(j) => {
+            let Some(t) = j.target() else {
+                return rerun(dir);
+            };
+            let Ok(hash) = blake3::Hash::from_hex(&j.blake3) else {
+                removed_temps(&dir, t.remove_temps(&dir.id));
+                return rerun(dir);
+            };
+            let renames = Renames {
+                dev: j.dev,
+                output_ino: j.ino,
+                sidecar_ino: j.sidecar_ino,
+            };
+            // Older journals recorded neither overwrite nor the sidecar: replace a .b3 as they
+            // did, if the rule has one.
+            let legacy = j.output_root.is_none();
+            let how = Publish {
+                overwrite: j.overwrite || legacy,
+                fsync: rule.fsync,
+                sidecar: j.sidecar_ino.is_some() || (legacy && rule.checksum_file),
+            };
+            match t.recover_publish(&dir.id, renames, &hash, how) {
+                Ok(true) => {
+                    let result = published(&dir, rule, &j);
+                    Ok(Plan::File(dir, Box::new(result)))
+                }
+                Ok(false) => rerun(dir),
+                Err(e) => {
+                    tracing::warn!(job_id = %dir.id, error = %e, "cannot finish the interrupted publish: rerunning");
+                    t.remove_temps(&dir.id);
+                    rerun(dir)
+                }
+            }
+        }
+        JobState::Published(j) => {
+            if let Some(t) = j.target() {
+                t.remove_temps(&dir.id);
+            }
+            let result = published(&dir, rule, &j);
+            Ok(Plan::File(dir, Box::new(result)))
+        }
     }
-    if dir.name.is_empty() || !dir.manifest().exists() {
-        // No manifest and no result: crashed while claiming, or after filing. Nothing to resume.
-        dir.remove(false)?;
-        return Ok(Plan::Gone);
-    }
-    if let Some(result) = published(&dir, rule) {
-        return Ok(Plan::File(dir, Box::new(result)));
-    }
-    remove_temps(&dir, rule);
+}
+
+/// Back to `Claimed`: the journal goes, the job runs again under its id.
+fn rerun(dir: JobDir) -> Result<Plan, ClaimError> {
+    let _ = std::fs::remove_file(dir.path.join(claim::PUBLISHED_RECORD));
     let _ = std::fs::remove_file(dir.journal());
     Ok(Plan::Rerun(dir))
 }
 
-/// The succeeded result of a job that renamed its output into place before the crash.
-fn published(dir: &JobDir, rule: &Rule) -> Option<JobResult> {
-    let journal: Journal = serde_json::from_slice(&std::fs::read(dir.journal()).ok()?).ok()?;
-    let meta = std::fs::symlink_metadata(&journal.output).ok()?;
-    if meta.dev() != journal.dev || meta.ino() != journal.ino || meta.len() != journal.size {
-        return None;
+fn removed_temps(dir: &JobDir, count: usize) {
+    if count > 0 {
+        tracing::info!(job_id = %dir.id, files = count, "removed temporary files of the interrupted job");
     }
-    let folder = journal.output.parent()?;
-    let sidecar_temp = folder.join(crate::output::sidecar_temp_name(&dir.id));
-    if sidecar_temp.exists() {
-        let mut sidecar = journal.output.clone().into_os_string();
-        sidecar.push(".b3");
-        if rule.checksum_file {
-            let _ = std::fs::rename(&sidecar_temp, sidecar);
-        } else {
-            let _ = std::fs::remove_file(&sidecar_temp);
-        }
-    }
-    if rule.fsync {
-        let _ = claim::sync_dir(folder);
-    }
+}
+
+/// The succeeded result of a job whose output was published before the crash.
+fn published(dir: &JobDir, rule: &Rule, journal: &Journal) -> JobResult {
+    let output = journal.path();
     tracing::info!(
-        job_id = %dir.id, manifest = %dir.name.to_string_lossy(),
-        output = %journal.output.display(),
+        job_id = %dir.id, manifest = %dir.name.to_string_lossy(), output = %output.display(),
         "recovered: the output was published before the crash"
     );
     let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-    Some(JobResult {
+    JobResult {
         status: Status::Succeeded,
         rule: rule.name.clone(),
         manifest: dir.name.to_string_lossy().into_owned(),
         job_id: dir.id.clone(),
-        output: Some(journal.output.display().to_string()),
+        output: Some(output.display().to_string()),
         size: Some(journal.size),
-        blake3: Some(journal.blake3),
+        blake3: Some(journal.blake3.clone()),
         sources: Some(journal.sources),
         write_mode: Some(rule.write_mode.resolve().as_str().to_owned()),
-        started_at: journal.started_at,
+        started_at: journal.started_at.clone(),
         finished_at: now,
         duration_ms: 0,
         error: None,
-    })
-}
-
-/// Remove the job's temporary output files, wherever its manifest says the output goes.
-fn remove_temps(dir: &JobDir, rule: &Rule) {
-    let folder = match std::fs::read(dir.journal())
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Journal>(&b).ok())
-    {
-        Some(j) => j.output.parent().map(Path::to_path_buf),
-        None => crate::manifest::Manifest::load(&dir.manifest())
-            .ok()
-            .and_then(|m| {
-                rule.output_root
-                    .join(&m.output)
-                    .parent()
-                    .map(Path::to_path_buf)
-            }),
-    };
-    if let Some(folder) = folder {
-        for name in [
-            crate::output::temp_name(&dir.id),
-            crate::output::sidecar_temp_name(&dir.id),
-        ] {
-            if std::fs::remove_file(folder.join(&name)).is_ok() {
-                tracing::info!(job_id = %dir.id, file = %name, "removed temporary file of the interrupted job");
-            }
-        }
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::job::{self, JobContext};
+    use std::os::unix::fs::MetadataExt;
 
-    /// The hook runs with the finished temporary file, whose inode is the one published.
+    /// Each step is recorded before it is taken; the publishing record names the published inodes.
     #[test]
-    fn the_journal_names_the_published_inode() {
+    fn the_journal_records_each_step_and_names_the_published_inodes() {
         let dir = tempfile::tempdir().unwrap();
         for d in ["in", "out", "data", "job"] {
             std::fs::create_dir(dir.path().join(d)).unwrap();
@@ -197,10 +360,13 @@ mod tests {
         let manifest = dir.path().join("m.json");
         std::fs::write(&manifest, r#"{"output":"o.bin","sources":["a"]}"#).unwrap();
         let job_dir = dir.path().join("job");
-        let hook = |p: &PublishPoint| {
-            // Not yet visible at the output path.
-            assert!(!p.output.exists());
-            write_journal(&job_dir, p, "t0", true)
+        let seen = std::sync::Mutex::new(Vec::new());
+        let hook = |s: &JobStep| {
+            // Nothing is visible at the output path before the published step.
+            let visible = s.output_root.join(s.output).exists();
+            assert_eq!(visible, s.stage == Stage::Published, "{:?}", s.stage);
+            seen.lock().unwrap().push(s.stage);
+            write_journal(&job_dir, s, "t0", true)
         };
         let ctx = JobContext {
             rule: &rules.rules[0],
@@ -211,13 +377,65 @@ mod tests {
         };
         let result = job::run(&ctx, &manifest);
         assert!(result.succeeded(), "{result:?}");
-        let journal: Journal =
-            serde_json::from_slice(&std::fs::read(job_dir.join(claim::PUBLISH_JOURNAL)).unwrap())
-                .unwrap();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [Stage::Copying, Stage::Publishing, Stage::Published]
+        );
+        let read = |name| -> Journal {
+            serde_json::from_slice(&std::fs::read(job_dir.join(name)).unwrap()).unwrap()
+        };
+        assert_eq!(read(claim::PUBLISH_JOURNAL).state, Stage::Publishing);
+        let journal = read(claim::PUBLISHED_RECORD);
         let out = std::fs::metadata(dir.path().join("out/o.bin")).unwrap();
+        let b3 = std::fs::metadata(dir.path().join("out/o.bin.b3")).unwrap();
+        assert_eq!(journal.state, Stage::Published);
         assert_eq!((journal.dev, journal.ino), (out.dev(), out.ino()));
+        assert_eq!(journal.sidecar_ino, Some(b3.ino()));
+        assert_eq!(journal.output, Path::new("o.bin"));
         assert_eq!(journal.size, 7);
         assert_eq!(journal.blake3, blake3::hash(b"journal").to_hex().as_str());
         assert_eq!(result.blake3.as_deref(), Some(journal.blake3.as_str()));
+    }
+
+    /// Each recorded state is read back as itself, the latest record winning.
+    #[test]
+    fn job_folder_states_are_read_from_their_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let watch = dir.path();
+        std::fs::write(watch.join("m.json"), "{}").unwrap();
+        let job = claim::claim(watch, std::ffi::OsStr::new("m.json"), "j1")
+            .unwrap()
+            .unwrap();
+        let state = |job: &JobDir| format!("{:?}", JobState::read(job));
+        assert_eq!(state(&job), "Claimed");
+        let journal = |stage: &str| {
+            format!(r#"{{"state":"{stage}","output_root":"/o","output":"x","started_at":"t"}}"#)
+        };
+        let write = |name: &str, text: &str| std::fs::write(job.path.join(name), text).unwrap();
+        write(claim::PUBLISH_JOURNAL, &journal("copying"));
+        assert!(state(&job).starts_with("Copying("));
+        write(claim::PUBLISH_JOURNAL, &journal("publishing"));
+        assert!(state(&job).starts_with("Publishing("));
+        write(claim::PUBLISHED_RECORD, &journal("published"));
+        assert!(state(&job).starts_with("Published("));
+        let result = r#"{"status":"succeeded","rule":"r","manifest":"m.json","job_id":"j1","started_at":"","finished_at":"","duration_ms":0}"#;
+        write(claim::JOB_RESULT, result);
+        assert!(state(&job).starts_with("ResultWritten("));
+        write(claim::FILING_RECORD, "/w/done/m.json");
+        assert!(state(&job).starts_with("Filing {"));
+        std::fs::remove_file(job.result_path()).unwrap();
+        assert_eq!(state(&job), "Gone");
+    }
+
+    /// A journal of an older daemon (no state, absolute output) still reads as publishing.
+    #[test]
+    fn an_older_journal_reads_as_publishing() {
+        let j: Journal = serde_json::from_str(
+            r#"{"output":"/o/p.bin","dev":1,"ino":2,"size":3,"blake3":"x","sources":1,"started_at":"t"}"#,
+        )
+        .unwrap();
+        assert_eq!(j.state, Stage::Publishing);
+        assert_eq!(j.path(), Path::new("/o/p.bin"));
+        assert_eq!(j.sidecar_ino, None);
     }
 }

@@ -13,7 +13,7 @@ use super::claim::{self, JobDir};
 use super::recover::{self, Plan};
 use super::watch::{DONE_DIR, FAILED_DIR};
 use crate::config::Rule;
-use crate::job::{self, JobContext, PublishPoint};
+use crate::job::{self, JobContext, JobStep};
 use crate::result::{ErrorKind, JobResult, ResultError, Status};
 
 /// Work waiting in a rule's queue.
@@ -81,9 +81,8 @@ pub fn run_item(item: Item, rule: &Rule, cancel: &AtomicBool) {
     let _job = job_span.enter();
     let started_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
     let journal_dir = dir.path.clone();
-    let hook = move |point: &PublishPoint| {
-        recover::write_journal(&journal_dir, point, &started_at, rule.fsync)
-    };
+    let hook =
+        move |step: &JobStep| recover::write_journal(&journal_dir, step, &started_at, rule.fsync);
     let ctx = JobContext {
         rule,
         job_id: dir.id.clone(),

@@ -226,7 +226,8 @@ impl Copy<'_> {
 
     fn progress(&self, bytes: usize) {
         if let Some(p) = self.ctx.progress {
-            p.done.fetch_add(bytes as u64, Ordering::Relaxed);
+            let done = p.done.fetch_add(bytes as u64, Ordering::Relaxed) + bytes as u64;
+            crate::crash::fraction("mid-copy", done, p.total.load(Ordering::Relaxed));
         }
     }
 

@@ -15,7 +15,7 @@ use std::time::{Instant, SystemTime};
 
 use crate::config::Rule;
 use crate::manifest::{Manifest, ManifestError};
-use crate::output::{OutputError, OutputTarget, Publish};
+use crate::output::{OutputError, OutputTarget, Publish, PublishStep, Renames};
 use crate::result::{ErrorKind, JobResult, ResultError, Status};
 use crate::source::{SourceError, Sources};
 
@@ -55,6 +55,9 @@ pub enum JobError {
     TooLarge { message: String },
     #[error(transparent)]
     Output(#[from] OutputError),
+    /// The daemon's job journal could not be recorded (nothing was published).
+    #[error("recording the job journal: {0}")]
+    Journal(#[source] std::io::Error),
     #[error("cancelled: the daemon is shutting down")]
     Cancelled,
     #[error("internal error: {0}")]
@@ -83,6 +86,8 @@ impl JobError {
             Self::Output(OutputError::NotAllowed { .. }) => ErrorKind::OutputNotAllowed,
             Self::Output(OutputError::Exists { .. }) => ErrorKind::OutputExists,
             Self::Output(OutputError::NoSpace { .. }) => ErrorKind::NoSpace,
+            Self::Journal(e) if crate::output::is_no_space(e) => ErrorKind::NoSpace,
+            Self::Journal(_) => ErrorKind::Internal,
             Self::Output(OutputError::Io { .. }) | Self::Cancelled | Self::Internal(_) => {
                 ErrorKind::Internal
             }
@@ -113,24 +118,39 @@ pub struct JobContext<'a> {
     /// Set to abort the job (it then fails with [`JobError::Cancelled`], output removed).
     pub cancel: Option<&'a AtomicBool>,
     pub progress: Option<&'a Progress>,
-    /// Called once the output is complete and verified, just before it is renamed into place.
-    /// The daemon records a journal entry here so that a crash between the rename and the result
-    /// being written is recognised on restart (see `daemon::recover`). An error fails the job
-    /// (kind `internal`) and nothing is published.
+    /// Called before each durable step of the job ([`JobStep`]): the daemon records it in the
+    /// job folder's journal so that recovery after a crash knows where the job was (see
+    /// `daemon::recover`). An error fails the job (kind `no_space` for a full disk, else
+    /// `internal`) and nothing is published.
     pub before_publish: Option<&'a BeforePublish<'a>>,
 }
 
 /// The hook type of [`JobContext::before_publish`].
-pub type BeforePublish<'a> = dyn Fn(&PublishPoint) -> std::io::Result<()> + Sync + 'a;
+pub type BeforePublish<'a> = dyn Fn(&JobStep) -> std::io::Result<()> + Sync + 'a;
 
-/// What a job is about to publish: handed to [`JobContext::before_publish`].
-pub struct PublishPoint<'a> {
-    /// The path the output will appear at.
-    pub output: &'a Path,
-    /// The complete temporary file (its inode is what appears at `output`).
-    pub file: &'a std::fs::File,
+/// Where a job is, as its journal records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// The temporary output is being created and filled.
+    Copying,
+    /// Output and sidecar complete under temporary names, about to be renamed.
+    Publishing,
+    /// Both renamed into place, durably.
+    Published,
+}
+
+/// A step of a job about to be taken: handed to [`JobContext::before_publish`].
+pub struct JobStep<'a> {
+    pub stage: Stage,
+    /// The rule's `output_root` and the manifest's `output` beneath it.
+    pub output_root: &'a Path,
+    pub output: &'a str,
+    pub overwrite: bool,
+    /// From [`Stage::Publishing`] on: what is about to be renamed.
+    pub renames: Option<Renames>,
     pub size: u64,
-    pub hash: &'a blake3::Hash,
+    pub hash: Option<&'a blake3::Hash>,
     pub sources: u64,
 }
 
@@ -210,6 +230,15 @@ pub fn run(ctx: &JobContext, manifest_path: &Path) -> JobResult {
 }
 
 fn execute(ctx: &JobContext, manifest_path: &Path) -> Result<Outcome, JobError> {
+    // Progress is always counted: the copy's crash point `mid-copy` is a fraction of it.
+    let counted = Progress::default();
+    let ctx = &JobContext {
+        rule: ctx.rule,
+        job_id: ctx.job_id.clone(),
+        cancel: ctx.cancel,
+        progress: Some(ctx.progress.unwrap_or(&counted)),
+        before_publish: ctx.before_publish,
+    };
     let rule = ctx.rule;
     let manifest = Manifest::load(manifest_path)?;
     for note in &manifest.notes {
@@ -232,6 +261,22 @@ fn execute(ctx: &JobContext, manifest_path: &Path) -> Result<Outcome, JobError> 
     if ctx.cancelled() {
         return Err(JobError::Cancelled);
     }
+    let step = |stage, renames, hash| JobStep {
+        stage,
+        output_root: &rule.output_root,
+        output: &manifest.output,
+        overwrite,
+        renames,
+        size: plan.total,
+        hash,
+        sources: plan.count(),
+    };
+    let record = |step: &JobStep| match ctx.before_publish {
+        Some(hook) => hook(step).map_err(JobError::Journal),
+        None => Ok(()),
+    };
+    // Recorded before the temporary file exists, so recovery always knows where to look for it.
+    record(&step(Stage::Copying, None, None))?;
     let temp = target.create_temp(&ctx.job_id, plan.total)?;
     let mut mode = rule.write_mode.resolve();
     if mode == crate::config::WriteMode::Mmap && !temp.allocated() {
@@ -276,22 +321,23 @@ fn execute(ctx: &JobContext, manifest_path: &Path) -> Result<Outcome, JobError> 
     if ctx.cancelled() {
         return Err(JobError::Cancelled);
     }
-    if let Some(hook) = ctx.before_publish {
-        hook(&PublishPoint {
-            output: target.path(),
-            file: temp.file(),
-            size: plan.total,
-            hash: &hash,
-            sources: plan.count(),
-        })
-        .map_err(|e| JobError::Internal(format!("recording the publish journal: {e}")))?;
-    }
+    let mut renamed = None;
     let output = temp.publish(
         &hash,
         Publish {
             overwrite,
             fsync: rule.fsync,
             sidecar: rule.checksum_file,
+        },
+        |publish| {
+            let stage = match publish {
+                PublishStep::Publishing(r) => {
+                    renamed = Some(r);
+                    Stage::Publishing
+                }
+                PublishStep::Published => Stage::Published,
+            };
+            record(&step(stage, renamed, Some(&hash)))
         },
     )?;
     Ok(Outcome {

@@ -7,7 +7,9 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod crash;
 mod presence;
+mod publish;
 mod recovery;
 mod reload;
 

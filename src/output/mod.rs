@@ -11,17 +11,31 @@
 //! Dropping a [`TempOutput`] removes its temporary names: its own bytes when unpublished, the
 //! earlier file an overwrite exchanged out when published.
 //!
+//! Output and sidecar are one unit: both renames (and recovery's look at them) happen under an
+//! exclusive `flock` of the output's folder, so no other job's publish falls between them, and
+//! the caller records the inodes about to be renamed ([`PublishStep::Publishing`]) before the
+//! first, so that recovery can tell which side of each rename a crash fell on.
+//!
+//! Beside this file: [`name`] (the output names that can be published, checked before any byte)
+//! and [`recover`] (finishing or undoing a publish a crash interrupted).
+//!
 //! Temporary names are `.concatd-<job id>.tmp` (and `.concatd-<job id>.b3.tmp`), so whoever knows a
 //! job's id — the daemon recovering after a crash — can find and remove them.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::fd::OwnedFd;
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
-use rustix::fs::{AtFlags, FallocateFlags, FileType, Mode, OFlags, RenameFlags, ResolveFlags};
+use rustix::fs::{
+    AtFlags, FallocateFlags, FileType, FlockOperation, Mode, OFlags, RenameFlags, ResolveFlags,
+};
 use rustix::io::Errno;
+
+mod name;
+mod recover;
+
+use name::{SIDECAR_EXT, check};
 
 /// Why the output cannot be written or published.
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +72,7 @@ pub fn sidecar_temp_name(job_id: &str) -> String {
 
 fn sidecar_name(name: &OsStr) -> OsString {
     let mut b3 = name.to_owned();
-    b3.push(".b3");
+    b3.push(SIDECAR_EXT);
     b3
 }
 
@@ -73,32 +87,25 @@ pub struct OutputTarget {
 }
 
 impl OutputTarget {
-    /// Check `output` (relative, no `..`, not hidden in our temp-name space) and create its
-    /// parent folders beneath `root`, refusing any symlink on the way.
+    /// Check `output` (see [`check`]) and create its parent folders beneath `root`, refusing any
+    /// symlink on the way.
     pub fn new(root: &Path, output: &str) -> Result<Self, OutputError> {
-        let refuse = |reason: &str| OutputError::NotAllowed {
+        Self::open(root, output, true)?.ok_or_else(|| OutputError::NotAllowed {
             output: output.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let rel = Path::new(output);
-        if output.is_empty() || output.ends_with('/') {
-            return Err(refuse("it must name a file"));
-        }
-        let mut parts = Vec::new();
-        for c in rel.components() {
-            match c {
-                Component::Normal(p) => parts.push(p),
-                Component::CurDir => {}
-                Component::ParentDir => return Err(refuse("`..` may not appear in it")),
-                Component::RootDir | Component::Prefix(_) => {
-                    return Err(refuse("it must be relative to the rule's output_root"));
-                }
-            }
-        }
-        let name = parts.pop().ok_or_else(|| refuse("it must name a file"))?;
-        if name.as_bytes().starts_with(b".concatd-") {
-            return Err(refuse("names starting with .concatd- are reserved"));
-        }
+            reason: "its folder cannot be created".into(),
+        })
+    }
+
+    /// The target of an output whose folders already exist (recovery: nothing is created);
+    /// `Ok(None)` when a folder on the way is missing.
+    pub fn existing_folder(root: &Path, output: &str) -> Result<Option<Self>, OutputError> {
+        Self::open(root, output, false)
+    }
+
+    /// Walk from `root` to the output's folder one component at a time (so no path the kernel
+    /// sees is longer than one name), creating missing folders when `create`.
+    fn open(root: &Path, output: &str, create: bool) -> Result<Option<Self>, OutputError> {
+        let (parts, name) = check(root, output)?;
         let io = |action, e: Errno| OutputError::Io {
             path: root.to_owned(),
             action,
@@ -114,37 +121,75 @@ impl OutputTarget {
         let mut created_in = Vec::new();
         for part in parts {
             path.push(part);
-            let created = match rustix::fs::mkdirat(&dir, part, Mode::from_raw_mode(0o755)) {
-                Ok(()) => true,
-                Err(Errno::EXIST) => false,
-                Err(e) => return Err(io("creating parent folder", e)),
-            };
-            let child = rustix::fs::openat2(
+            let created = create
+                && match rustix::fs::mkdirat(&dir, part, Mode::from_raw_mode(0o755)) {
+                    Ok(()) => true,
+                    Err(Errno::EXIST) => false,
+                    Err(e) => return Err(io("creating parent folder", e)),
+                };
+            let child = match rustix::fs::openat2(
                 &dir,
                 part,
                 OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
                 Mode::empty(),
                 ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
-            )
-            .map_err(|e| match e {
-                Errno::LOOP | Errno::NOTDIR | Errno::XDEV => OutputError::NotAllowed {
-                    output: output.to_owned(),
-                    reason: format!("{} is a symlink or not a folder", path.display()),
-                },
-                e => io("opening parent folder", e),
-            })?;
+            ) {
+                Ok(child) => child,
+                Err(Errno::NOENT) if !create => return Ok(None),
+                Err(Errno::LOOP | Errno::NOTDIR | Errno::XDEV) => {
+                    return Err(OutputError::NotAllowed {
+                        output: output.to_owned(),
+                        reason: format!("{} is a symlink or not a folder", path.display()),
+                    });
+                }
+                Err(e) => return Err(io("opening parent folder", e)),
+            };
             let parent = std::mem::replace(&mut dir, child);
             if created {
                 created_in.push(parent);
             }
         }
         path.push(name);
-        Ok(Self {
+        Ok(Some(Self {
             dir,
             name: name.to_owned(),
             path,
             created_in,
-        })
+        }))
+    }
+
+    /// Take the publish lock of the output's folder, waiting for it: an exclusive `flock` on a
+    /// descriptor of the folder opened for this lock alone, so it excludes every other holder —
+    /// another job's thread in this daemon as much as another daemon. Held across an output's
+    /// and its sidecar's renames (and by recovery while it finishes or undoes them), it makes
+    /// the two one unit: no other job's rename falls between them.
+    fn lock(&self) -> Result<OwnedFd, OutputError> {
+        let fd = rustix::fs::openat(
+            &self.dir,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| self.fail("opening the output folder to lock it", e))?;
+        rustix::fs::flock(&fd, FlockOperation::LockExclusive)
+            .map_err(|e| self.fail("locking the output folder", e))?;
+        Ok(fd)
+    }
+
+    /// Device and inode of what is at `name` in the output folder, if anything.
+    fn inode_at(&self, name: &OsStr) -> Option<(u64, u64)> {
+        rustix::fs::statat(&self.dir, name, AtFlags::SYMLINK_NOFOLLOW)
+            .ok()
+            .map(|st| (st.st_dev, st.st_ino))
+    }
+
+    /// Remove job `job_id`'s temporary names in the output folder — its unpublished bytes, or
+    /// the earlier files an overwrite exchanged out. The one place temporary files go.
+    pub fn remove_temps(&self, job_id: &str) -> usize {
+        [temp_name(job_id), sidecar_temp_name(job_id)]
+            .into_iter()
+            .filter(|n| rustix::fs::unlinkat(&self.dir, n.as_str(), AtFlags::empty()).is_ok())
+            .count()
     }
 
     /// The absolute path the output is published at.
@@ -265,9 +310,14 @@ pub fn io_error(path: &Path, action: &'static str, source: std::io::Error) -> Ou
 
 /// True for the errors that mean "the filesystem is full" (or the file too big for it).
 pub fn is_no_space(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    // By kind too: an error passed on with its context keeps its kind, not its code.
     matches!(
         e.raw_os_error().map(Errno::from_raw_os_error),
         Some(Errno::NOSPC | Errno::DQUOT | Errno::FBIG)
+    ) || matches!(
+        e.kind(),
+        K::StorageFull | K::QuotaExceeded | K::FileTooLarge
     )
 }
 
@@ -278,6 +328,30 @@ pub struct Publish {
     pub fsync: bool,
     /// Also publish `<output>.b3`.
     pub sidecar: bool,
+}
+
+/// The inodes a publish is about to rename into place: recorded (durably) before the first
+/// rename, they tell recovery which side of each rename a crash fell on, since a rename keeps
+/// the inode and an exchange moves the earlier file's inode to our temporary name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Renames {
+    pub dev: u64,
+    /// The finished temporary output.
+    pub output_ino: u64,
+    /// The sidecar's temporary file (`None`: no sidecar, or a journal of an older daemon that
+    /// did not record it).
+    pub sidecar_ino: Option<u64>,
+}
+
+/// A step of the publish the caller must make durable before it returns (see
+/// `daemon::recover` for the state machine these steps are transitions of).
+#[derive(Debug, Clone, Copy)]
+pub enum PublishStep {
+    /// About to rename: output and sidecar are complete (and synced) under temporary names.
+    Publishing(Renames),
+    /// Both renamed into place and the folder synced; the earlier files an overwrite exchanged
+    /// out are still under our temporary names (removed next).
+    Published,
 }
 
 /// The output being built. Its temporary names are removed on drop.
@@ -299,53 +373,75 @@ impl TempOutput<'_> {
         self.allocated
     }
 
-    /// Make the output durable and visible at its path, with its sidecar.
-    pub fn publish(self, hash: &blake3::Hash, how: Publish) -> Result<PathBuf, OutputError> {
+    /// Make the output durable and visible at its path, with its sidecar, as one unit: under the
+    /// output folder's lock, `journal` records [`PublishStep::Publishing`], the output and then
+    /// the sidecar are renamed (exchanged when overwriting), the folder is synced, and `journal`
+    /// records [`PublishStep::Published`]. An error of `journal` fails the publish and puts
+    /// everything back as it was.
+    pub fn publish<E: From<OutputError>>(
+        self,
+        hash: &blake3::Hash,
+        how: Publish,
+        mut journal: impl FnMut(PublishStep) -> Result<(), E>,
+    ) -> Result<PathBuf, E> {
         let t = self.target;
         if how.fsync {
             self.file
                 .sync_all()
                 .map_err(|e| t.fail_io("syncing temporary file", e))?;
         }
+        crate::crash::point("after-fsync");
         let sidecar_temp = sidecar_temp_name(&self.job_id);
-        if how.sidecar {
-            let line = crate::checksum::sidecar_line(hash, &t.name.to_string_lossy());
-            self.write_sidecar_temp(&sidecar_temp, line.as_bytes(), how.fsync)?;
-        }
+        let sidecar_ino = if how.sidecar {
+            Some(t.write_sidecar_temp(&sidecar_temp, hash, how.fsync)?)
+        } else {
+            None
+        };
+        crate::crash::point("after-sidecar-temp");
+        let st =
+            rustix::fs::fstat(&self.file).map_err(|e| t.fail("inspecting temporary file", e))?;
+        let _lock = t.lock()?;
+        journal(PublishStep::Publishing(Renames {
+            dev: st.st_dev,
+            output_ino: st.st_ino,
+            sidecar_ino,
+        }))?;
         let output_temp = temp_name(&self.job_id);
         let replaced = match t.place(&output_temp, &t.name, how.overwrite) {
             Ok(replaced) => replaced,
             Err(Errno::EXIST) => {
                 return Err(OutputError::Exists {
                     path: t.path.clone(),
-                });
+                }
+                .into());
             }
-            Err(e) => return Err(t.fail("publishing (rename)", e)),
+            Err(e) => return Err(t.fail("publishing (rename)", e).into()),
         };
+        crate::crash::point("after-output-rename");
         // Past the rename the output is visible. Should the rest fail, everything is put back as
         // it was — the earlier file (kept under the temporary name by the exchange) returns, or
         // the new output goes — so a failed job never leaves an output behind nor loses one.
         let b3 = sidecar_name(&t.name);
         let mut sidecar = None; // Some(whether an earlier .b3 was replaced)
-        let mut finish = || -> Result<(), OutputError> {
+        let mut finish = || -> Result<(), E> {
             if how.sidecar {
                 match t.place(&sidecar_temp, &b3, how.overwrite) {
                     Ok(replaced) => sidecar = Some(replaced),
                     Err(Errno::EXIST) => {
                         return Err(OutputError::Exists {
                             path: t.path.with_file_name(&b3),
-                        });
+                        }
+                        .into());
                     }
-                    Err(e) => return Err(t.fail("publishing the .b3 sidecar", e)),
+                    Err(e) => return Err(t.fail("publishing the .b3 sidecar", e).into()),
                 }
+                crate::crash::point("after-sidecar-rename");
             }
             if how.fsync {
-                // The output's folder, and every folder this job created on the way to it.
-                for dir in std::iter::once(&t.dir).chain(t.created_in.iter().rev()) {
-                    rustix::fs::fsync(dir).map_err(|e| t.fail("syncing the output folder", e))?;
-                }
+                t.sync_folders(true)?;
             }
-            Ok(())
+            crate::crash::point("after-dir-fsync");
+            journal(PublishStep::Published)
         };
         if let Err(e) = finish() {
             if let Some(replaced) = sidecar {
@@ -354,26 +450,48 @@ impl TempOutput<'_> {
             t.unplace(&output_temp, &t.name, replaced);
             return Err(e);
         }
+        // The earlier files an overwrite exchanged out go now, under the lock (see Drop).
+        drop(self);
         Ok(t.path.clone())
     }
+}
 
-    fn write_sidecar_temp(&self, name: &str, bytes: &[u8], fsync: bool) -> Result<(), OutputError> {
-        let t = self.target;
+impl OutputTarget {
+    /// `fsync` the output's folder, and (`created`) every folder this target created on the
+    /// way to it.
+    fn sync_folders(&self, created: bool) -> Result<(), OutputError> {
+        let created = self.created_in.iter().rev().filter(|_| created);
+        for dir in std::iter::once(&self.dir).chain(created) {
+            rustix::fs::fsync(dir).map_err(|e| self.fail("syncing the output folder", e))?;
+        }
+        Ok(())
+    }
+
+    /// Write the `.b3` line for `hash` to the temporary file `name`; its inode.
+    fn write_sidecar_temp(
+        &self,
+        name: &str,
+        hash: &blake3::Hash,
+        fsync: bool,
+    ) -> Result<u64, OutputError> {
+        let line = crate::checksum::sidecar_line(hash, &self.name.to_string_lossy());
         let fd = rustix::fs::openat(
-            &t.dir,
+            &self.dir,
             name,
             OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o644),
         )
-        .map_err(|e| t.fail("creating the .b3 sidecar", e))?;
+        .map_err(|e| self.fail("creating the .b3 sidecar", e))?;
         let file = File::from(fd);
-        std::io::Write::write_all(&mut &file, bytes)
-            .map_err(|e| t.fail_io("writing the .b3 sidecar", e))?;
+        std::io::Write::write_all(&mut &file, line.as_bytes())
+            .map_err(|e| self.fail_io("writing the .b3 sidecar", e))?;
         if fsync {
             file.sync_all()
-                .map_err(|e| t.fail_io("syncing the .b3 sidecar", e))?;
+                .map_err(|e| self.fail_io("syncing the .b3 sidecar", e))?;
         }
-        Ok(())
+        let st =
+            rustix::fs::fstat(&file).map_err(|e| self.fail("inspecting the .b3 sidecar", e))?;
+        Ok(st.st_ino)
     }
 }
 
@@ -381,9 +499,7 @@ impl Drop for TempOutput<'_> {
     fn drop(&mut self) {
         // Unpublished: our bytes. Published over an earlier file: that file, exchanged out.
         // Published without replacing anything: nothing (the unlink fails harmlessly).
-        let dir = &self.target.dir;
-        let _ = rustix::fs::unlinkat(dir, temp_name(&self.job_id), AtFlags::empty());
-        let _ = rustix::fs::unlinkat(dir, sidecar_temp_name(&self.job_id), AtFlags::empty());
+        self.target.remove_temps(&self.job_id);
     }
 }
 
@@ -401,6 +517,12 @@ mod tests {
             "",
             "dir/",
             ".concatd-1.tmp",
+            "x\0y",
+            "a\0/b",
+            &"n".repeat(256),
+            &"s".repeat(253),
+            &format!("{}/x", "d".repeat(256)),
+            &format!("{}/x", vec!["d".repeat(250); 17].join("/")),
         ] {
             assert!(
                 matches!(
@@ -415,31 +537,6 @@ mod tests {
             OutputTarget::new(dir.path(), "link/x"),
             Err(OutputError::NotAllowed { .. })
         ));
-    }
-
-    #[test]
-    fn publish_creates_parents_and_refuses_to_clobber() {
-        let dir = tempfile::tempdir().unwrap();
-        let target = OutputTarget::new(dir.path(), "a/b/out.bin").unwrap();
-        let hash = blake3::hash(b"");
-        let how = Publish {
-            overwrite: false,
-            fsync: true,
-            sidecar: true,
-        };
-        target
-            .create_temp("j1", 0)
-            .unwrap()
-            .publish(&hash, how)
-            .unwrap();
-        assert!(dir.path().join("a/b/out.bin.b3").exists());
-        let err = target
-            .create_temp("j2", 0)
-            .unwrap()
-            .publish(&hash, how)
-            .unwrap_err();
-        assert!(matches!(err, OutputError::Exists { .. }));
-        let left: Vec<_> = std::fs::read_dir(dir.path().join("a/b")).unwrap().collect();
-        assert_eq!(left.len(), 2, "temp files were removed");
+        assert!(OutputTarget::new(dir.path(), &"n".repeat(252)).is_ok());
     }
 }
