@@ -251,6 +251,7 @@ impl Copy<'_> {
                     fill = 0;
                 }
             }
+            recheck(&reader, seg)?;
         }
         if fill > 0 {
             hasher.update(&block[..fill]);
@@ -307,6 +308,7 @@ impl Copy<'_> {
                 self.write_all(&block[..n], out_at + done)?;
                 done += n as u64;
             }
+            recheck(&reader, seg)?;
             out_at += seg.len;
         }
         let mut hasher = PieceHasher::new(&work.piece);
@@ -359,6 +361,7 @@ impl Copy<'_> {
                 at += n;
                 done += n as u64;
             }
+            recheck(&reader, seg)?;
         }
         Ok(hasher.finish())
     }
@@ -391,6 +394,15 @@ fn read_some(reader: &Reader, seg: &Segment, buf: &mut [u8], done: u64) -> Resul
             }
         }
     }
+}
+
+/// Once a segment is read: fail `source_changed` if its source moved while it was read, so
+/// bytes of two versions of a file rewritten in place are never published as one.
+fn recheck(reader: &Reader, seg: &Segment) -> Result<(), JobError> {
+    reader.recheck().map_err(|source| JobError::Source {
+        number: seg.number,
+        source,
+    })
 }
 
 fn ended_early(seg: &Segment, done: u64) -> JobError {

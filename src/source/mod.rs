@@ -102,6 +102,15 @@ impl Reader {
         }
     }
 
+    /// After a range was read: refuse a local file that changed meanwhile (see
+    /// [`LocalFile::recheck`]). Remote reads are pinned per request (`If-Match`), so they pass.
+    pub fn recheck(&self) -> Result<(), SourceError> {
+        match self {
+            Self::Local(f) => f.recheck(),
+            Self::Remote(_) => Ok(()),
+        }
+    }
+
     /// The file descriptor, where the source is a local file (for `copy_file_range`).
     pub fn fd(&self) -> Option<BorrowedFd<'_>> {
         match self {
