@@ -196,12 +196,14 @@ pub fn run(ctx: &JobContext, manifest_path: &Path) -> JobResult {
         Err(e) => {
             tracing::warn!(
                 job_id = %ctx.job_id, manifest = %manifest_name, kind = %e.kind(),
-                error = %e, "failed"
+                error = %crate::source::Redacted(&e.to_string()), "failed"
             );
             result.status = Status::Failed;
             result.error = Some(ResultError {
                 kind: e.kind(),
-                message: format!("{manifest_name}: {e}"),
+                // Sources are named redacted already; this keeps a URL quoted by any other
+                // error (a dependency's message, say) from carrying credentials into the result.
+                message: crate::source::redact(&format!("{manifest_name}: {e}")).into_owned(),
                 source_index: e.source_number(),
             });
         }

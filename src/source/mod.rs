@@ -11,6 +11,7 @@
 pub mod http;
 pub mod local;
 pub mod policy;
+pub mod redact;
 pub mod remote;
 pub mod s3;
 
@@ -22,6 +23,7 @@ use crate::config::{RemoteConfig, Rule, S3Config};
 use crate::manifest::Location;
 
 pub use local::LocalFile;
+pub use redact::{Redacted, redact};
 use remote::{RemoteReader, SequentialReader, Target, Version};
 
 /// Identity of a source as the planning pass saw it (for a local file: device, inode, size and
@@ -147,7 +149,7 @@ impl Sources {
             .get_or_init(|| Remote::new(&self.allow_urls, self.s3_config.clone(), &self.settings))
             .as_ref()
             .map_err(|reason| SourceError::NotAllowed {
-                what: what.to_owned(),
+                what: redact(what).into_owned(),
                 reason: reason.clone(),
             })
     }
@@ -257,7 +259,7 @@ impl Remote {
     /// Check the URL against the policy and find out who serves it.
     fn target(&self, text: &str) -> Result<Target, SourceError> {
         let refused = |reason: String| SourceError::NotAllowed {
-            what: text.to_owned(),
+            what: redact(text).into_owned(),
             reason,
         };
         let url = self.policy.check(text).map_err(|e| refused(e.0))?;
@@ -292,10 +294,12 @@ impl Remote {
 
     fn probe(&self, text: &str) -> Result<Probe, SourceError> {
         let target = self.target(text)?;
+        // Messages and logs name the source without its credentials.
+        let what = redact(text);
         let version = self
             .rt()
-            .block_on(remote::with_retries(&self.settings, text, || {
-                target.head(text)
+            .block_on(remote::with_retries(&self.settings, &what, || {
+                target.head(&what)
             }))?;
         let size = version.size;
         let mut versions = self.versions.write().expect("versions lock");
@@ -316,7 +320,7 @@ impl Remote {
         RemoteReader::open(
             self.rt().handle().clone(),
             target,
-            text,
+            &redact(text),
             self.version(pin),
             self.settings.clone(),
             range,

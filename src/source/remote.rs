@@ -71,7 +71,8 @@ pub fn describe(e: &dyn std::error::Error) -> String {
         }
         cause = c.source();
     }
-    text
+    // Client errors quote the URL they were sending to.
+    super::redact(&text).into_owned()
 }
 
 /// Where a remote object lives.

@@ -46,8 +46,11 @@ fn a_source_rewritten_in_place_is_never_published_spliced() {
         for run in 0..RUNS {
             let m = env.path(&format!("m{run}.json"));
             let out = format!("o{run}");
-            std::fs::write(&m, json(serde_json::json!({"output": out, "sources": ["src"]})))
-                .unwrap();
+            std::fs::write(
+                &m,
+                json(serde_json::json!({"output": out, "sources": ["src"]})),
+            )
+            .unwrap();
             let done = Command::cargo_bin("concatd")
                 .unwrap()
                 .args(["once", "-c"])
