@@ -102,7 +102,10 @@ pub fn assess(dir: JobDir, rule: &Rule) -> Result<Plan, ClaimError> {
     if let Some(result) = published(&dir, rule) {
         return Ok(Plan::File(dir, Box::new(result)));
     }
-    remove_temps(&dir, rule);
+    // A pieces journal lets the rerun continue in the temporary output: keep it (the rerun
+    // checks the journal against its plan and that file, and starts afresh on any mismatch).
+    let resumable = crate::job::resumable(&dir.path.join(crate::job::PIECES_JOURNAL));
+    remove_temps(&dir, rule, resumable);
     let _ = std::fs::remove_file(dir.journal());
     Ok(Plan::Rerun(dir))
 }
@@ -151,8 +154,9 @@ fn published(dir: &JobDir, rule: &Rule) -> Option<JobResult> {
     })
 }
 
-/// Remove the job's temporary output files, wherever its manifest says the output goes.
-fn remove_temps(dir: &JobDir, rule: &Rule) {
+/// Remove the job's temporary output files, wherever its manifest says the output goes; with
+/// `keep_output`, the temporary output itself stays (for the rerun to resume in).
+fn remove_temps(dir: &JobDir, rule: &Rule, keep_output: bool) {
     let folder = match std::fs::read(dir.journal())
         .ok()
         .and_then(|b| serde_json::from_slice::<Journal>(&b).ok())
@@ -168,10 +172,11 @@ fn remove_temps(dir: &JobDir, rule: &Rule) {
             }),
     };
     if let Some(folder) = folder {
-        for name in [
-            crate::output::temp_name(&dir.id),
-            crate::output::sidecar_temp_name(&dir.id),
-        ] {
+        let output = (!keep_output).then(|| crate::output::temp_name(&dir.id));
+        for name in output
+            .into_iter()
+            .chain([crate::output::sidecar_temp_name(&dir.id)])
+        {
             if std::fs::remove_file(folder.join(&name)).is_ok() {
                 tracing::info!(job_id = %dir.id, file = %name, "removed temporary file of the interrupted job");
             }
@@ -208,6 +213,7 @@ mod tests {
             cancel: None,
             progress: None,
             before_publish: Some(&hook),
+            pieces: None,
         };
         let result = job::run(&ctx, &manifest);
         assert!(result.succeeded(), "{result:?}");

@@ -7,7 +7,10 @@
 //! [`JobError::kind`] is the one place where failures become the spec's error kinds.
 
 mod copy;
+mod pieces;
 mod verify;
+
+pub use pieces::{PIECES_JOURNAL, resumable};
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -118,6 +121,10 @@ pub struct JobContext<'a> {
     /// being written is recognised on restart (see `daemon::recover`). An error fails the job
     /// (kind `internal`) and nothing is published.
     pub before_publish: Option<&'a BeforePublish<'a>>,
+    /// Where the copy pass journals finished pieces (`.work/<id>/.pieces` for the daemon), so a
+    /// rerun under the same job id after a crash or a shutdown continues where this run stopped
+    /// (see [`pieces`]). `None` (`concatd once`): nothing journaled, nothing resumed.
+    pub pieces: Option<&'a Path>,
 }
 
 /// The hook type of [`JobContext::before_publish`].
@@ -234,13 +241,6 @@ fn execute(ctx: &JobContext, manifest_path: &Path) -> Result<Outcome, JobError> 
     if ctx.cancelled() {
         return Err(JobError::Cancelled);
     }
-    let temp = target.create_temp(&ctx.job_id, plan.total)?;
-    let mut mode = rule.write_mode.resolve();
-    if mode == crate::config::WriteMode::Mmap && !temp.allocated() {
-        // Without allocated blocks a full disk would reach a mapped write as SIGBUS.
-        tracing::warn!(job_id = %ctx.job_id, "filesystem cannot fallocate: using pwrite, not mmap");
-        mode = crate::config::WriteMode::Pwrite;
-    }
     // Remote sources: as many workers as ranged requests wanted in flight, and pieces of the
     // configured chunk size (one request each); local-only jobs keep the measured defaults.
     let (workers, max_piece) = if plan.remote {
@@ -248,6 +248,32 @@ fn execute(ctx: &JobContext, manifest_path: &Path) -> Result<Outcome, JobError> 
     } else {
         (copy::default_workers(), copy::MAX_PIECE)
     };
+    let configured_mode = rule.write_mode.resolve();
+    let (temp, journal, resumed) = match ctx.pieces {
+        Some(path) if plan.total > 0 => {
+            let fingerprint = copy::fingerprint(&plan, max_piece, configured_mode);
+            pieces::start(
+                path,
+                &fingerprint,
+                &target,
+                &ctx.job_id,
+                plan.total,
+                rule.fsync,
+            )?
+        }
+        _ => (
+            target.create_temp(&ctx.job_id, plan.total)?,
+            None,
+            Vec::new(),
+        ),
+    };
+    let journaled = journal.is_some();
+    let mut mode = configured_mode;
+    if mode == crate::config::WriteMode::Mmap && !temp.allocated() {
+        // Without allocated blocks a full disk would reach a mapped write as SIGBUS.
+        tracing::warn!(job_id = %ctx.job_id, "filesystem cannot fallocate: using pwrite, not mmap");
+        mode = crate::config::WriteMode::Pwrite;
+    }
     let copy = copy::Copy {
         plan: &plan,
         workers,
@@ -258,8 +284,19 @@ fn execute(ctx: &JobContext, manifest_path: &Path) -> Result<Outcome, JobError> 
         out_path: target.path(),
         mode,
         ctx,
+        journal: std::sync::Mutex::new(journal),
+        resumed,
     };
-    let hash = copy.run()?;
+    let hash = match copy.run() {
+        Ok(hash) => hash,
+        // A shutdown: the job stays claimed and reruns at the next start, resuming from the
+        // pieces journaled so far, so keep the bytes they describe.
+        Err(JobError::Cancelled) if journaled => {
+            temp.keep();
+            return Err(JobError::Cancelled);
+        }
+        Err(e) => return Err(e),
+    };
     if plan.source_hashes {
         verify::source_hashes(&plan, &manifest, &sources, temp.file())?;
     }

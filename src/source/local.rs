@@ -113,9 +113,11 @@ impl LocalResolver {
     pub fn probe(&self, path: &str) -> Result<Probe, SourceError> {
         let fd = self.open_beneath(path, OFlags::PATH | OFlags::CLOEXEC)?;
         let st = regular(path, &fd)?;
+        let pin = pin_of(&st);
         Ok(Probe {
             size: st.st_size as u64,
-            pin: pin_of(&st),
+            pin,
+            identity: pin.0,
         })
     }
 

@@ -39,6 +39,11 @@ pub struct Probe {
     /// The whole object's length in bytes.
     pub size: u64,
     pub pin: Pin,
+    /// What the pin stands for, stable across processes (a remote [`Pin`] is only an index into
+    /// this job's table): local files the same fold of device, inode, size, mtime and ctime;
+    /// remote objects a fold of URL, ETag, Last-Modified, version id and size. A rerun of a job
+    /// compares these to decide whether the bytes an earlier run copied can be kept.
+    pub identity: u64,
 }
 
 /// Why a source cannot be used. `what` is the source as the manifest wrote it.
@@ -302,11 +307,13 @@ impl Remote {
                 target.head(&what)
             }))?;
         let size = version.size;
+        let identity = version.identity(text);
         let mut versions = self.versions.write().expect("versions lock");
         versions.push(Arc::new(version));
         Ok(Probe {
             size,
             pin: Pin(versions.len() as u64 - 1),
+            identity,
         })
     }
 

@@ -57,13 +57,10 @@ fn redact_one(url: &str, out: &mut String) {
     match authority.rfind('@') {
         Some(at) => {
             let (userinfo, host) = authority.split_at(at);
-            match userinfo.split_once(':') {
-                Some((user, _)) => {
-                    out.push_str(user);
-                    out.push(':');
-                }
-                // A lone user name is often a token (`https://TOKEN@host/`).
-                None => {}
+            // A lone user name is often a token (`https://TOKEN@host/`): masked whole.
+            if let Some((user, _)) = userinfo.split_once(':') {
+                out.push_str(user);
+                out.push(':');
             }
             out.push_str(MASK);
             out.push_str(host);

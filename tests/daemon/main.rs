@@ -9,6 +9,7 @@ mod support;
 
 mod recovery;
 mod reload;
+mod resume;
 
 use std::collections::HashSet;
 use std::fs;
