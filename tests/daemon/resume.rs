@@ -142,3 +142,51 @@ fn a_source_changed_before_the_rerun_means_copying_from_scratch() {
         "everything was read again ({read})"
     );
 }
+
+/// A shutdown whose grace runs out aborts the job mid-copy; the next start continues from the
+/// pieces it journaled instead of copying again.
+#[test]
+fn a_job_aborted_by_shutdown_resumes_at_the_next_start() {
+    let env = Env::new("    write_mode: pwrite\n    fsync: true\n");
+    env.write_rules(
+        &fs::read_to_string(env.rules())
+            .unwrap()
+            .replace("shutdown_grace: 10s", "shutdown_grace: 1ms"),
+    );
+    let d = env.start();
+    let want = setup(&env);
+    let work = env.path("in/.work");
+    // Once some piece is journaled (a header and a record), stop the daemon.
+    wait_until(Duration::from_secs(30), || {
+        walk(&work)
+            .iter()
+            .any(|p| p.ends_with(".pieces") && fs::metadata(p).is_ok_and(|m| m.len() > 64))
+    });
+    let log = d.log();
+    assert_eq!(d.stop(), 0, "{log}");
+    assert_eq!(
+        count_results(&env.path("in")),
+        0,
+        "the job was aborted, not finished"
+    );
+    assert_eq!(
+        temps_in(&env.path("out")).len(),
+        1,
+        "its temporary output is kept"
+    );
+    let d = env.start_named("restarted");
+    let r = wait_for_result(&env);
+    let read = rchar(d.child.id());
+    let log = d.log();
+    assert_eq!(d.stop(), 0);
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert!(fs::read(env.path("out/big.bin")).unwrap() == want);
+    assert_eq!(r["blake3"], blake3::hash(&want).to_hex().as_str());
+    assert!(
+        log.contains("resuming: the pieces journal matches"),
+        "{log}"
+    );
+    let total = want.len() as u64;
+    eprintln!("after the shutdown, the restarted daemon read {read} of {total} bytes");
+    assert!(read < total, "nothing was reused (rchar {read})");
+}
