@@ -11,7 +11,9 @@
 //!   as far as publishing: it is filed as succeeded (sidecar moved into place if the crash came
 //!   between the two renames) instead of being rerun into a spurious `output_exists`.
 //! - Otherwise nothing of the job is visible at the output path: its temporary files
-//!   (`.concatd-<id>.tmp`, `.b3.tmp`) are removed and it is rerun under the same job id.
+//!   (`.concatd-<id>.tmp`, `.b3.tmp`) are removed and it is rerun under the same job id — except
+//!   the temporary output when a pieces journal (`.pieces`, see `job::pieces`) describes it: the
+//!   rerun checks that journal against its own plan and continues in that file, or removes it.
 //!
 //! A job folder whose lock cannot be taken belongs to a live daemon and is left alone.
 
