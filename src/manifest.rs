@@ -39,7 +39,8 @@ impl Location {
 impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Path(p) | Self::Url(p) => f.write_str(p),
+            Self::Path(p) => f.write_str(p),
+            Self::Url(u) => crate::source::Redacted(u).fmt(f),
         }
     }
 }

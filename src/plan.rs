@@ -24,6 +24,9 @@ pub struct Plan {
     pub source_hashes: bool,
     /// Some source is remote (HTTP(S) or S3).
     pub remote: bool,
+    /// Every source's range and [`Probe::identity`], in order: what the output's bytes are made
+    /// of (see [`Plan::fingerprint`]).
+    identity: blake3::Hasher,
 }
 
 impl Plan {
@@ -59,6 +62,16 @@ impl Plan {
                 .map_err(|source| JobError::List { source })?;
             Ok(reader)
         }
+    }
+
+    /// A hash of everything the output's bytes follow from: each source's identity (device,
+    /// inode, size, mtime, ctime; or URL, ETag, Last-Modified, size), the range taken of it, and
+    /// the total. Two plans with the same fingerprint build the same bytes.
+    pub fn fingerprint(&self) -> blake3::Hash {
+        let mut h = self.identity.clone();
+        h.update(&self.total.to_le_bytes());
+        h.update(&self.count().to_le_bytes());
+        h.finalize()
     }
 
     /// How many sources contribute bytes to the output range `[start, start + len)`.
@@ -204,6 +217,9 @@ impl Plan {
         self.remote |= matches!(spec.location, Location::Url(_));
         self.ends.push(self.total);
         self.pins.push(probe.pin);
+        for v in [n, probe.identity, offset, len] {
+            self.identity.update(&v.to_le_bytes());
+        }
         Ok(())
     }
 }

@@ -29,6 +29,7 @@ pub fn run(config: &Path, rule_name: &str, manifest: &Path) -> anyhow::Result<i3
         cancel: Some(&cancel),
         progress: Some(&progress),
         before_publish: None,
+        pieces: None,
     };
     let done = AtomicBool::new(false);
     let result = std::thread::scope(|s| {

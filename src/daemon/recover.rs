@@ -14,7 +14,7 @@
 //! | state | recorded as (in `.work/<id>/`) | entered by | recovery |
 //! |---|---|---|---|
 //! | `Claimed` | the manifest, no journal | the claim's rename | rerun |
-//! | `Copying` | `.publish.json` `state: copying` (output root and path) | before the temporary file is created | remove the temporary files, rerun (resuming a half-copied output would start here) |
+//! | `Copying` | `.publish.json` `state: copying` (output root and path), and `.pieces` once pieces are finished | before the temporary file is created | remove the temporary sidecar; keep the temporary output when `.pieces` describes it (the rerun checks that journal against its own plan and that file, and continues in it or starts afresh), else remove it; rerun |
 //! | `Publishing` | `state: publishing` + inodes of temp output and temp sidecar, overwrite, size, BLAKE3 | under the output folder's lock, before the first rename | under that lock: our output inode at the output name → finish (sidecar into place unless ours is there already), file success; otherwise remove temps, rerun |
 //! | `Published` | `.published.json`, `state: published` | after both renames and the folder's fsync, still under the lock | remove the temps (the earlier files an overwrite exchanged out), file success |
 //! | `ResultWritten` | `.result.json` | the result written (temp, fsync, rename) | file it |
@@ -250,13 +250,13 @@ pub fn assess(dir: JobDir, rule: &Rule) -> Result<Plan, ClaimError> {
                 .and_then(|m| OutputTarget::existing_folder(&rule.output_root, &m.output).ok())
                 .flatten()
             {
-                removed_temps(&dir, t.remove_temps(&dir.id));
+                clear_unpublished(&dir, &t);
             }
             rerun(dir)
         }
         JobState::Copying(j) => {
             if let Some(t) = j.target() {
-                removed_temps(&dir, t.remove_temps(&dir.id));
+                clear_unpublished(&dir, &t);
             }
             rerun(dir)
         }
@@ -309,6 +309,16 @@ fn rerun(dir: JobDir) -> Result<Plan, ClaimError> {
     let _ = std::fs::remove_file(dir.path.join(claim::PUBLISHED_RECORD));
     let _ = std::fs::remove_file(dir.journal());
     Ok(Plan::Rerun(dir))
+}
+
+/// Before a rerun of a job that never published: its temporary files go, except the temporary
+/// output when a pieces journal describes it (see `job::pieces`), for the rerun to resume in.
+fn clear_unpublished(dir: &JobDir, t: &OutputTarget) {
+    if crate::job::resumable(&dir.path.join(crate::job::PIECES_JOURNAL)) {
+        removed_temps(dir, t.remove_sidecar_temp(&dir.id));
+    } else {
+        removed_temps(dir, t.remove_temps(&dir.id));
+    }
 }
 
 fn removed_temps(dir: &JobDir, count: usize) {
@@ -374,6 +384,7 @@ mod tests {
             cancel: None,
             progress: None,
             before_publish: Some(&hook),
+            pieces: None,
         };
         let result = job::run(&ctx, &manifest);
         assert!(result.succeeded(), "{result:?}");

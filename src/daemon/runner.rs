@@ -81,6 +81,7 @@ pub fn run_item(item: Item, rule: &Rule, cancel: &AtomicBool) {
     let _job = job_span.enter();
     let started_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
     let journal_dir = dir.path.clone();
+    let pieces = dir.path.join(job::PIECES_JOURNAL);
     let hook =
         move |step: &JobStep| recover::write_journal(&journal_dir, step, &started_at, rule.fsync);
     let ctx = JobContext {
@@ -89,6 +90,7 @@ pub fn run_item(item: Item, rule: &Rule, cancel: &AtomicBool) {
         cancel: Some(cancel),
         progress: None,
         before_publish: Some(&hook),
+        pieces: Some(&pieces),
     };
     let manifest = dir.manifest();
     let result = catch_panic(rule, &dir.id, &manifest, || job::run(&ctx, &manifest));

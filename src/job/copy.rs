@@ -11,12 +11,14 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender, channel, sync_channel};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
 
+use super::pieces::{Done, Journal};
 use super::{JobContext, JobError};
 use crate::checksum::{NodeHash, Piece, PieceHasher, Pieces, TreeMerger};
 use crate::config::WriteMode;
@@ -32,6 +34,9 @@ const MAX_SEGMENTS: u64 = 1024;
 /// Bytes read, hashed and written at a time: small enough to stay in the CPU cache between the
 /// read and the hash (256 KiB measured fastest; see the README).
 const BLOCK: usize = 256 << 10;
+/// Finished pieces are journaled at least this often (and every 1/32 of the output, see
+/// [`Copy::journal`]), so a crash loses at most about this much copying.
+const JOURNAL_EVERY: Duration = Duration::from_secs(1);
 
 /// A range of one source, bound for a known output offset.
 struct Segment {
@@ -61,6 +66,22 @@ pub(super) struct Copy<'a> {
     pub out_path: &'a Path,
     pub mode: WriteMode,
     pub ctx: &'a JobContext<'a>,
+    /// Where finished pieces are recorded, for a rerun to resume from (daemon jobs).
+    pub journal: Mutex<Option<Journal>>,
+    /// Pieces an earlier run finished (sorted by index): not copied again.
+    pub resumed: Vec<Done>,
+}
+
+/// Everything the output's bytes follow from besides the plan: a pieces journal written under
+/// another fingerprint describes other bytes.
+pub(super) fn fingerprint(plan: &Plan, max_piece: u64, mode: WriteMode) -> blake3::Hash {
+    let mut h = blake3::Hasher::new();
+    h.update(b"concatd copy pass 1\0");
+    h.update(plan.fingerprint().as_bytes());
+    h.update(&max_piece.to_le_bytes());
+    h.update(&MAX_SEGMENTS.to_le_bytes());
+    h.update(mode.as_str().as_bytes());
+    h.finalize()
 }
 
 /// What the workers share.
@@ -68,6 +89,10 @@ struct Shared {
     merger: Mutex<TreeMerger>,
     failure: Mutex<Option<JobError>>,
     stop: AtomicBool,
+    /// Bytes of the output finished (copied, or reused from an earlier run).
+    done: AtomicU64,
+    /// Bytes reused from an earlier run.
+    reused: AtomicU64,
 }
 
 impl Shared {
@@ -102,17 +127,37 @@ impl Copy<'_> {
             merger: Mutex::new(TreeMerger::new()),
             failure: Mutex::new(None),
             stop: AtomicBool::new(false),
+            done: AtomicU64::new(0),
+            reused: AtomicU64::new(0),
         };
         // Workers log into the job's span, so their lines reach the rule's log too.
         let span = tracing::Span::current();
+        let journal = self.journal.lock().expect("journal lock").take();
         std::thread::scope(|s| {
+            let (rx, shared, span) = (&rx, &shared, &span);
+            let journal = journal.as_ref();
+            let journal_tx = journal.map(|journal| {
+                let (jtx, jrx) = channel();
+                s.spawn(move || span.in_scope(|| self.journal(journal, jrx)));
+                jtx
+            });
             for _ in 0..workers {
-                s.spawn(|| span.in_scope(|| self.worker(&rx, &shared)));
+                let journal = journal.zip(journal_tx.clone());
+                s.spawn(move || span.in_scope(|| self.worker(rx, shared, journal)));
             }
-            if let Err(e) = self.produce(tx, &shared) {
+            // The journal thread ends once the last worker drops its sender.
+            drop(journal_tx);
+            if let Err(e) = self.produce(tx, shared) {
                 shared.fail(e);
             }
         });
+        let reused = shared.reused.load(Ordering::Relaxed);
+        if !self.resumed.is_empty() || self.journal_was_used() {
+            tracing::info!(
+                job_id = %self.ctx.job_id, copied = shared.done.load(Ordering::Relaxed) - reused,
+                reused, total, "copy pass: bytes copied, and reused from an earlier run"
+            );
+        }
         if let Some(e) = shared.failure.into_inner().expect("failure lock") {
             return Err(e);
         }
@@ -122,6 +167,65 @@ impl Copy<'_> {
             .expect("merger lock")
             .finish(total)
             .ok_or_else(|| JobError::Internal("a piece of the output was never hashed".into()))
+    }
+
+    fn journal_was_used(&self) -> bool {
+        self.ctx.pieces.is_some()
+    }
+
+    /// Record finished pieces in the journal in batches — every 1/32 of the output (1 MiB to
+    /// 1 GiB) or [`JOURNAL_EVERY`], whichever comes first — each batch made durable in the output
+    /// before it is recorded (see [`Journal::append`]; the workers have recorded each piece as
+    /// volatile already). A failing journal is given up, not the job.
+    fn journal(&self, journal: &Journal, rx: Receiver<Done>) {
+        let batch = (self.plan.total / 32).clamp(1 << 20, 1 << 30);
+        let (mut pending, mut pending_bytes) = (Vec::new(), 0u64);
+        let mut last = Instant::now();
+        let (mut flushes, mut records, mut syncing) = (0u64, 0u64, Duration::ZERO);
+        loop {
+            let got = if pending.is_empty() {
+                rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+            } else {
+                rx.recv_timeout(JOURNAL_EVERY.saturating_sub(last.elapsed()))
+            };
+            let closed = match got {
+                Ok(done) => {
+                    // Take whatever else finished meanwhile (while the last batch synced, say):
+                    // one sync covers them all.
+                    for done in std::iter::once(done).chain(rx.try_iter()) {
+                        pending_bytes += done.len;
+                        pending.push(done);
+                    }
+                    false
+                }
+                Err(RecvTimeoutError::Timeout) => false,
+                Err(RecvTimeoutError::Disconnected) => true,
+            };
+            let due = pending_bytes >= batch || last.elapsed() >= JOURNAL_EVERY;
+            if !pending.is_empty() && (closed || due) {
+                let clock = Instant::now();
+                if let Err(e) = journal.append(self.out, &pending) {
+                    tracing::warn!(
+                        job_id = %self.ctx.job_id, error = %e,
+                        "pieces journal: cannot record finished pieces; this job will not resume"
+                    );
+                    return;
+                }
+                syncing += clock.elapsed();
+                flushes += 1;
+                records += pending.len() as u64;
+                pending.clear();
+                pending_bytes = 0;
+                last = Instant::now();
+            }
+            if closed {
+                tracing::debug!(
+                    job_id = %self.ctx.job_id, flushes, records,
+                    ms = syncing.as_millis() as u64, "pieces journal: batches recorded"
+                );
+                return;
+            }
+        }
     }
 
     fn stopped(&self, shared: &Shared) -> bool {
@@ -136,6 +240,7 @@ impl Copy<'_> {
         });
         let mut current = pieces.next();
         let mut segments = Vec::new();
+        let mut resumed = self.resumed.iter().peekable();
         let count = self
             .manifest
             .for_each_source(plan.reopen_lists(self.sources), |n, spec| {
@@ -165,6 +270,24 @@ impl Copy<'_> {
                     });
                     pos += take;
                     if pos == piece.end() {
+                        while resumed.next_if(|d| d.index < piece.index).is_some() {}
+                        if let Some(done) = resumed.next_if(|d| {
+                            (d.index, d.start, d.len) == (piece.index, piece.start, piece.len)
+                        }) {
+                            // Finished by an earlier run: its bytes are in the output already,
+                            // and its hash in the journal.
+                            shared
+                                .merger
+                                .lock()
+                                .expect("merger lock")
+                                .add(&piece, done.hash);
+                            shared.done.fetch_add(piece.len, Ordering::Relaxed);
+                            shared.reused.fetch_add(piece.len, Ordering::Relaxed);
+                            self.progress(piece.len as usize);
+                            segments.clear();
+                            current = pieces.next();
+                            continue;
+                        }
                         let work = Work {
                             piece,
                             segments: std::mem::take(&mut segments),
@@ -182,7 +305,12 @@ impl Copy<'_> {
         Ok(())
     }
 
-    fn worker(&self, rx: &Mutex<Receiver<Work>>, shared: &Shared) {
+    fn worker(
+        &self,
+        rx: &Mutex<Receiver<Work>>,
+        shared: &Shared,
+        journal: Option<(&Journal, Sender<Done>)>,
+    ) {
         let mut block = vec![0u8; BLOCK];
         loop {
             let work = rx.lock().expect("receiver lock").recv();
@@ -201,11 +329,27 @@ impl Copy<'_> {
                 WriteMode::Pwrite | WriteMode::Auto => self.pwrite(&work, &mut block),
             };
             match filled {
-                Ok(hash) => shared
-                    .merger
-                    .lock()
-                    .expect("merger lock")
-                    .add(&work.piece, hash),
+                Ok(hash) => {
+                    shared
+                        .merger
+                        .lock()
+                        .expect("merger lock")
+                        .add(&work.piece, hash);
+                    if let Some((journal, tx)) = &journal {
+                        let done = Done::of(&work.piece, hash);
+                        // At once, before the bytes are durable: a rerun in this boot may trust
+                        // it (the page cache outlives a crashed process). Best effort: the
+                        // durable batch follows.
+                        if journal.syncs() {
+                            let _ = journal.append_volatile(&[done]);
+                        }
+                        // Gone only when the journal gave up: the job goes on without it.
+                        let _ = tx.send(done);
+                    }
+                    let len = work.piece.len;
+                    let done = shared.done.fetch_add(len, Ordering::Relaxed) + len;
+                    crate::crash::fraction("mid-copy", done, self.plan.total);
+                }
                 Err(e) => shared.fail(e),
             }
         }
@@ -252,6 +396,7 @@ impl Copy<'_> {
                     fill = 0;
                 }
             }
+            recheck(&reader, seg)?;
         }
         if fill > 0 {
             hasher.update(&block[..fill]);
@@ -308,6 +453,7 @@ impl Copy<'_> {
                 self.write_all(&block[..n], out_at + done)?;
                 done += n as u64;
             }
+            recheck(&reader, seg)?;
             out_at += seg.len;
         }
         let mut hasher = PieceHasher::new(&work.piece);
@@ -360,6 +506,7 @@ impl Copy<'_> {
                 at += n;
                 done += n as u64;
             }
+            recheck(&reader, seg)?;
         }
         Ok(hasher.finish())
     }
@@ -392,6 +539,15 @@ fn read_some(reader: &Reader, seg: &Segment, buf: &mut [u8], done: u64) -> Resul
             }
         }
     }
+}
+
+/// Once a segment is read: fail `source_changed` if its source moved while it was read, so
+/// bytes of two versions of a file rewritten in place are never published as one.
+fn recheck(reader: &Reader, seg: &Segment) -> Result<(), JobError> {
+    reader.recheck().map_err(|source| JobError::Source {
+        number: seg.number,
+        source,
+    })
 }
 
 fn ended_early(seg: &Segment, done: u64) -> JobError {

@@ -7,7 +7,10 @@
 //! [`JobError::kind`] is the one place where failures become the spec's error kinds.
 
 mod copy;
+mod pieces;
 mod verify;
+
+pub use pieces::{PIECES_JOURNAL, resumable};
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -123,6 +126,10 @@ pub struct JobContext<'a> {
     /// `daemon::recover`). An error fails the job (kind `no_space` for a full disk, else
     /// `internal`) and nothing is published.
     pub before_publish: Option<&'a BeforePublish<'a>>,
+    /// Where the copy pass journals finished pieces (`.work/<id>/.pieces` for the daemon), so a
+    /// rerun under the same job id after a crash or a shutdown continues where this run stopped
+    /// (see [`pieces`]). `None` (`concatd once`): nothing journaled, nothing resumed.
+    pub pieces: Option<&'a Path>,
 }
 
 /// The hook type of [`JobContext::before_publish`].
@@ -216,12 +223,14 @@ pub fn run(ctx: &JobContext, manifest_path: &Path) -> JobResult {
         Err(e) => {
             tracing::warn!(
                 job_id = %ctx.job_id, manifest = %manifest_name, kind = %e.kind(),
-                error = %e, "failed"
+                error = %crate::source::Redacted(&e.to_string()), "failed"
             );
             result.status = Status::Failed;
             result.error = Some(ResultError {
                 kind: e.kind(),
-                message: format!("{manifest_name}: {e}"),
+                // Sources are named redacted already; this keeps a URL quoted by any other
+                // error (a dependency's message, say) from carrying credentials into the result.
+                message: crate::source::redact(&format!("{manifest_name}: {e}")).into_owned(),
                 source_index: e.source_number(),
             });
         }
@@ -238,6 +247,7 @@ fn execute(ctx: &JobContext, manifest_path: &Path) -> Result<Outcome, JobError> 
         cancel: ctx.cancel,
         progress: Some(ctx.progress.unwrap_or(&counted)),
         before_publish: ctx.before_publish,
+        pieces: ctx.pieces,
     };
     let rule = ctx.rule;
     let manifest = Manifest::load(manifest_path)?;
@@ -277,13 +287,6 @@ fn execute(ctx: &JobContext, manifest_path: &Path) -> Result<Outcome, JobError> 
     };
     // Recorded before the temporary file exists, so recovery always knows where to look for it.
     record(&step(Stage::Copying, None, None))?;
-    let temp = target.create_temp(&ctx.job_id, plan.total)?;
-    let mut mode = rule.write_mode.resolve();
-    if mode == crate::config::WriteMode::Mmap && !temp.allocated() {
-        // Without allocated blocks a full disk would reach a mapped write as SIGBUS.
-        tracing::warn!(job_id = %ctx.job_id, "filesystem cannot fallocate: using pwrite, not mmap");
-        mode = crate::config::WriteMode::Pwrite;
-    }
     // Remote sources: as many workers as ranged requests wanted in flight, and pieces of the
     // configured chunk size (one request each); local-only jobs keep the measured defaults.
     let (workers, max_piece) = if plan.remote {
@@ -291,6 +294,32 @@ fn execute(ctx: &JobContext, manifest_path: &Path) -> Result<Outcome, JobError> 
     } else {
         (copy::default_workers(), copy::MAX_PIECE)
     };
+    let configured_mode = rule.write_mode.resolve();
+    let (temp, journal, resumed) = match ctx.pieces {
+        Some(path) if plan.total > 0 => {
+            let fingerprint = copy::fingerprint(&plan, max_piece, configured_mode);
+            pieces::start(
+                path,
+                &fingerprint,
+                &target,
+                &ctx.job_id,
+                plan.total,
+                rule.fsync,
+            )?
+        }
+        _ => (
+            target.create_temp(&ctx.job_id, plan.total)?,
+            None,
+            Vec::new(),
+        ),
+    };
+    let journaled = journal.is_some();
+    let mut mode = configured_mode;
+    if mode == crate::config::WriteMode::Mmap && !temp.allocated() {
+        // Without allocated blocks a full disk would reach a mapped write as SIGBUS.
+        tracing::warn!(job_id = %ctx.job_id, "filesystem cannot fallocate: using pwrite, not mmap");
+        mode = crate::config::WriteMode::Pwrite;
+    }
     let copy = copy::Copy {
         plan: &plan,
         workers,
@@ -301,8 +330,19 @@ fn execute(ctx: &JobContext, manifest_path: &Path) -> Result<Outcome, JobError> 
         out_path: target.path(),
         mode,
         ctx,
+        journal: std::sync::Mutex::new(journal),
+        resumed,
     };
-    let hash = copy.run()?;
+    let hash = match copy.run() {
+        Ok(hash) => hash,
+        // A shutdown: the job stays claimed and reruns at the next start, resuming from the
+        // pieces journaled so far, so keep the bytes they describe.
+        Err(JobError::Cancelled) if journaled => {
+            temp.keep();
+            return Err(JobError::Cancelled);
+        }
+        Err(e) => return Err(e),
+    };
     if plan.source_hashes {
         verify::source_hashes(&plan, &manifest, &sources, temp.file())?;
     }

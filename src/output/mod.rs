@@ -192,6 +192,19 @@ impl OutputTarget {
             .count()
     }
 
+    /// Remove job `job_id`'s temporary sidecar only (its temporary output is kept to resume in);
+    /// how many files went.
+    pub fn remove_sidecar_temp(&self, job_id: &str) -> usize {
+        usize::from(
+            rustix::fs::unlinkat(
+                &self.dir,
+                sidecar_temp_name(job_id).as_str(),
+                AtFlags::empty(),
+            )
+            .is_ok(),
+        )
+    }
+
     /// The absolute path the output is published at.
     pub fn path(&self) -> &Path {
         &self.path
@@ -224,8 +237,51 @@ impl OutputTarget {
             job_id: job_id.to_owned(),
             file: File::from(fd),
             allocated: false,
+            keep: false,
         };
-        let mut temp = temp;
+        temp.allocate(size)
+    }
+
+    /// The temporary file an earlier run of job `job_id` left (a crash, or a shutdown that kept
+    /// it for resuming), opened again and allocated to `size`; `None` when there is none. The
+    /// caller checks it is the very file it recorded (its inode) before trusting its bytes, and
+    /// drops it (which removes it) otherwise.
+    pub fn reopen_temp(
+        &self,
+        job_id: &str,
+        size: u64,
+    ) -> Result<Option<TempOutput<'_>>, OutputError> {
+        let fd = match rustix::fs::openat(
+            &self.dir,
+            temp_name(job_id).as_str(),
+            OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(self.fail("opening temporary file", e)),
+        };
+        let temp = TempOutput {
+            target: self,
+            job_id: job_id.to_owned(),
+            file: File::from(fd),
+            allocated: false,
+            keep: false,
+        };
+        let st =
+            rustix::fs::fstat(&temp.file).map_err(|e| self.fail("opening temporary file", e))?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile || st.st_size as u64 != size
+        {
+            return Ok(None); // dropped: removed
+        }
+        temp.allocate(size).map(Some)
+    }
+}
+
+impl<'a> TempOutput<'a> {
+    fn allocate(self, size: u64) -> Result<TempOutput<'a>, OutputError> {
+        let mut temp = self;
+        let target = temp.target;
         if size > 0 {
             match rustix::fs::fallocate(&temp.file, FallocateFlags::empty(), 0, size) {
                 Ok(()) => temp.allocated = true,
@@ -234,13 +290,15 @@ impl OutputTarget {
                 Err(Errno::OPNOTSUPP) => temp
                     .file
                     .set_len(size)
-                    .map_err(|e| self.fail_io("sizing temporary file", e))?,
-                Err(e) => return Err(self.fail("allocating temporary file", e)),
+                    .map_err(|e| target.fail_io("sizing temporary file", e))?,
+                Err(e) => return Err(target.fail("allocating temporary file", e)),
             }
         }
         Ok(temp)
     }
+}
 
+impl OutputTarget {
     /// Rename `from` to `to` in the output folder, never over an existing file unless
     /// `overwrite`; then it is *exchanged*, so the earlier file stays under `from` until the
     /// publish is complete (and can be put back if it is not). True when something was replaced.
@@ -360,12 +418,20 @@ pub struct TempOutput<'a> {
     job_id: String,
     file: File,
     allocated: bool,
+    /// Leave the temporary output behind when dropped (see [`TempOutput::keep`]).
+    keep: bool,
 }
 
 impl TempOutput<'_> {
     /// The open temporary file, for the copy workers.
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// Leave the unpublished temporary output in place when this is dropped, for a later run of
+    /// the same job to resume (its pieces journal says which bytes are done).
+    pub fn keep(mut self) {
+        self.keep = true;
     }
 
     /// Whether every byte is allocated (so memory-mapped writes cannot fault for space).
@@ -499,7 +565,11 @@ impl Drop for TempOutput<'_> {
     fn drop(&mut self) {
         // Unpublished: our bytes. Published over an earlier file: that file, exchanged out.
         // Published without replacing anything: nothing (the unlink fails harmlessly).
-        self.target.remove_temps(&self.job_id);
+        if self.keep {
+            self.target.remove_sidecar_temp(&self.job_id);
+        } else {
+            self.target.remove_temps(&self.job_id);
+        }
     }
 }
 

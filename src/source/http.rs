@@ -11,9 +11,9 @@ use std::sync::Arc;
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
 
-use super::SourceError;
 use super::policy::{GuardedResolver, Refused, UrlPolicy};
 use super::remote::{Body, Failure, Version, describe};
+use super::{Redacted, SourceError};
 use crate::config::RemoteConfig;
 
 /// Redirect hops followed per request.
@@ -70,9 +70,10 @@ impl HttpClient {
                 .ok_or_else(|| {
                     permanent_remote(what, format!("{} without a Location", response.status()))
                 })?;
-            let next = url
-                .join(location)
-                .map_err(|e| permanent_remote(what, format!("bad redirect '{location}': {e}")))?;
+            let next = url.join(location).map_err(|e| {
+                let location = Redacted(location);
+                permanent_remote(what, format!("bad redirect '{location}': {e}"))
+            })?;
             self.policy.check_url(&next).map_err(|Refused(reason)| {
                 Failure::Permanent(SourceError::NotAllowed {
                     what: what.to_owned(),

@@ -24,9 +24,29 @@ use super::{Pin, Probe, SourceError};
 /// A local source file opened for reading.
 pub struct LocalFile {
     file: File,
+    /// The source as the manifest wrote it, for messages.
+    what: String,
+    pin: Pin,
 }
 
 impl LocalFile {
+    /// Refuse the file (`Changed`) unless it still is what planning saw. Called after its bytes
+    /// were read: a same-size rewrite in place during the read leaves the inode, and maybe the
+    /// size, alone but moves mtime and ctime, so the bytes just read may be spliced.
+    pub fn recheck(&self) -> Result<(), SourceError> {
+        let st = rustix::fs::fstat(&self.file).map_err(|e| SourceError::ReadFailed {
+            what: self.what.clone(),
+            source: e.into(),
+        })?;
+        if pin_of(&st) != self.pin {
+            return Err(SourceError::Changed {
+                what: self.what.clone(),
+                reason: "it was modified while being read (size, mtime or ctime moved)".into(),
+            });
+        }
+        Ok(())
+    }
+
     /// `pread`: never a memory map, so a source truncated under us is a short read (reported as
     /// `source_changed`), not a SIGBUS.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
@@ -93,9 +113,11 @@ impl LocalResolver {
     pub fn probe(&self, path: &str) -> Result<Probe, SourceError> {
         let fd = self.open_beneath(path, OFlags::PATH | OFlags::CLOEXEC)?;
         let st = regular(path, &fd)?;
+        let pin = pin_of(&st);
         Ok(Probe {
             size: st.st_size as u64,
-            pin: pin_of(&st),
+            pin,
+            identity: pin.0,
         })
     }
 
@@ -109,11 +131,14 @@ impl LocalResolver {
         if pin_of(&st) != pin {
             return Err(SourceError::Changed {
                 what: path.to_owned(),
-                reason: "it is not the file that was planned (inode, size or mtime differ)".into(),
+                reason: "it is not the file that was planned (inode, size, mtime or ctime differ)"
+                    .into(),
             });
         }
         Ok(LocalFile {
             file: File::from(fd),
+            what: path.to_owned(),
+            pin,
         })
     }
 
@@ -258,6 +283,9 @@ fn pin_of(st: &rustix::fs::Stat) -> Pin {
         st.st_size as u64,
         st.st_mtime as u64,
         st.st_mtime_nsec,
+        // ctime too: a writer can put mtime back (touch -d, utimensat), never ctime.
+        st.st_ctime as u64,
+        st.st_ctime_nsec,
     ] {
         h.update(&v.to_le_bytes());
     }

@@ -11,6 +11,7 @@
 pub mod http;
 pub mod local;
 pub mod policy;
+pub mod redact;
 pub mod remote;
 pub mod s3;
 
@@ -22,6 +23,7 @@ use crate::config::{RemoteConfig, Rule, S3Config};
 use crate::manifest::Location;
 
 pub use local::LocalFile;
+pub use redact::{Redacted, redact};
 use remote::{RemoteReader, SequentialReader, Target, Version};
 
 /// Identity of a source as the planning pass saw it (for a local file: device, inode, size and
@@ -37,6 +39,11 @@ pub struct Probe {
     /// The whole object's length in bytes.
     pub size: u64,
     pub pin: Pin,
+    /// What the pin stands for, stable across processes (a remote [`Pin`] is only an index into
+    /// this job's table): local files the same fold of device, inode, size, mtime and ctime;
+    /// remote objects a fold of URL, ETag, Last-Modified, version id and size. A rerun of a job
+    /// compares these to decide whether the bytes an earlier run copied can be kept.
+    pub identity: u64,
 }
 
 /// Why a source cannot be used. `what` is the source as the manifest wrote it.
@@ -102,6 +109,15 @@ impl Reader {
         }
     }
 
+    /// After a range was read: refuse a local file that changed meanwhile (see
+    /// [`LocalFile::recheck`]). Remote reads are pinned per request (`If-Match`), so they pass.
+    pub fn recheck(&self) -> Result<(), SourceError> {
+        match self {
+            Self::Local(f) => f.recheck(),
+            Self::Remote(_) => Ok(()),
+        }
+    }
+
     /// The file descriptor, where the source is a local file (for `copy_file_range`).
     pub fn fd(&self) -> Option<BorrowedFd<'_>> {
         match self {
@@ -138,7 +154,7 @@ impl Sources {
             .get_or_init(|| Remote::new(&self.allow_urls, self.s3_config.clone(), &self.settings))
             .as_ref()
             .map_err(|reason| SourceError::NotAllowed {
-                what: what.to_owned(),
+                what: redact(what).into_owned(),
                 reason: reason.clone(),
             })
     }
@@ -248,7 +264,7 @@ impl Remote {
     /// Check the URL against the policy and find out who serves it.
     fn target(&self, text: &str) -> Result<Target, SourceError> {
         let refused = |reason: String| SourceError::NotAllowed {
-            what: text.to_owned(),
+            what: redact(text).into_owned(),
             reason,
         };
         let url = self.policy.check(text).map_err(|e| refused(e.0))?;
@@ -283,17 +299,21 @@ impl Remote {
 
     fn probe(&self, text: &str) -> Result<Probe, SourceError> {
         let target = self.target(text)?;
+        // Messages and logs name the source without its credentials.
+        let what = redact(text);
         let version = self
             .rt()
-            .block_on(remote::with_retries(&self.settings, text, || {
-                target.head(text)
+            .block_on(remote::with_retries(&self.settings, &what, || {
+                target.head(&what)
             }))?;
         let size = version.size;
+        let identity = version.identity(text);
         let mut versions = self.versions.write().expect("versions lock");
         versions.push(Arc::new(version));
         Ok(Probe {
             size,
             pin: Pin(versions.len() as u64 - 1),
+            identity,
         })
     }
 
@@ -307,7 +327,7 @@ impl Remote {
         RemoteReader::open(
             self.rt().handle().clone(),
             target,
-            text,
+            &redact(text),
             self.version(pin),
             self.settings.clone(),
             range,

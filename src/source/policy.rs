@@ -20,6 +20,8 @@ use std::sync::Arc;
 
 use reqwest::Url;
 
+use super::Redacted;
+
 /// A refused URL or address; becomes `source_not_allowed`.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{0}")]
@@ -74,7 +76,8 @@ impl UrlPolicy {
     pub fn check_url(&self, url: &Url) -> Result<(), Refused> {
         if !url.username().is_empty() || url.password().is_some() {
             return Err(Refused(format!(
-                "{url}: URLs with user information are refused"
+                "{}: URLs with user information are refused",
+                Redacted(url.as_str())
             )));
         }
         path_is_plain(url)?;
@@ -95,7 +98,8 @@ impl UrlPolicy {
             Ok(())
         } else {
             Err(Refused(format!(
-                "{url} is not under any of the rule's allow.urls"
+                "{} is not under any of the rule's allow.urls",
+                Redacted(url.as_str())
             )))
         }
     }
@@ -118,7 +122,8 @@ fn path_is_plain(url: &Url) -> Result<(), Refused> {
     let lower = url.path().to_ascii_lowercase();
     if lower.contains("%2f") || lower.contains("%5c") {
         return Err(Refused(format!(
-            "{url}: an encoded '/' or '\\' (%2F, %5C) in the path is refused"
+            "{}: an encoded '/' or '\\' (%2F, %5C) in the path is refused",
+            Redacted(url.as_str())
         )));
     }
     let dotted = url.path().split('/').any(|segment| {
@@ -127,7 +132,8 @@ fn path_is_plain(url: &Url) -> Result<(), Refused> {
     });
     if dotted {
         return Err(Refused(format!(
-            "{url}: a '.' or '..' path segment is refused"
+            "{}: a '.' or '..' path segment is refused",
+            Redacted(url.as_str())
         )));
     }
     Ok(())
@@ -139,14 +145,16 @@ fn path_is_plain(url: &Url) -> Result<(), Refused> {
 fn s3_key_is_plain(url: &Url) -> Result<(), Refused> {
     if url.path().to_ascii_lowercase().contains("%2f") {
         return Err(Refused(format!(
-            "{url}: an encoded '/' (%2F) in an S3 key is refused"
+            "{}: an encoded '/' (%2F) in an S3 key is refused",
+            Redacted(url.as_str())
         )));
     }
     if let Some((_, key)) = super::s3::bucket_and_key(url)
         && key.split('/').any(|s| s == "." || s == "..")
     {
         return Err(Refused(format!(
-            "{url}: an S3 key with '.' or '..' segments is refused"
+            "{}: an S3 key with '.' or '..' segments is refused",
+            Redacted(url.as_str())
         )));
     }
     Ok(())

@@ -30,6 +30,22 @@ pub struct Version {
     pub version_id: Option<String>,
 }
 
+impl Version {
+    /// A fold of `url` and every validator, the same in every process (see `Probe::identity`).
+    pub fn identity(&self, url: &str) -> u64 {
+        let mut h = blake3::Hasher::new();
+        h.update(b"remote\0").update(url.as_bytes()).update(b"\0");
+        for v in [&self.etag, &self.last_modified, &self.version_id] {
+            match v {
+                Some(s) => h.update(b"+").update(s.as_bytes()).update(b"\0"),
+                None => h.update(b"-"),
+            };
+        }
+        h.update(&self.size.to_le_bytes());
+        u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
+    }
+}
+
 /// Why one attempt failed.
 #[derive(Debug)]
 pub enum Failure {
@@ -71,7 +87,8 @@ pub fn describe(e: &dyn std::error::Error) -> String {
         }
         cause = c.source();
     }
-    text
+    // Client errors quote the URL they were sending to.
+    super::redact(&text).into_owned()
 }
 
 /// Where a remote object lives.

@@ -12,6 +12,7 @@ mod presence;
 mod publish;
 mod recovery;
 mod reload;
+mod resume;
 
 use std::collections::HashSet;
 use std::fs;

@@ -123,6 +123,19 @@ fn handle(mut stream: TcpStream, store: &Store, port: u16) -> std::io::Result<()
             let to = format!("http://127.0.0.1:{port}/secret/{name}");
             return respond(&mut stream, "302 Found", &[("Location", to)], b"");
         }
+        // Credentials and signatures in the Location, for tests that they are never echoed.
+        "redirect-creds" => {
+            let to = format!(
+                "http://user:PWSECRET@127.0.0.1:{port}/ok/{name}?X-Amz-Signature=SIGSECRET"
+            );
+            return respond(&mut stream, "302 Found", &[("Location", to)], b"");
+        }
+        "redirect-signed" => {
+            let to = format!(
+                "http://127.0.0.1:{port}/secret/{name}?X-Amz-Credential=CREDSECRET&sig=SIG2SECRET"
+            );
+            return respond(&mut stream, "302 Found", &[("Location", to)], b"");
+        }
         "redir" => {
             let to = format!("/ok/{name}");
             return respond(&mut stream, "302 Found", &[("Location", to)], b"");
