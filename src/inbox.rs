@@ -1,5 +1,5 @@
-//! The watch folder's layout, as every command sees it: the daemon's own sub-folders, and who is
-//! watching.
+//! The watch folder's layout, as every command sees it: the daemon's own sub-folders, the names
+//! manifests and results are filed under, durable writes, and who is watching.
 //!
 //! A live daemon holds a *presence lock* per watch folder: `.work/.daemon-<pid>.lock`, `flock`ed
 //! exclusively for as long as the daemon watches the folder, and holding `{"pid", "since"}`. The
@@ -12,9 +12,11 @@
 //! a live daemon. Several daemons may watch one folder (claims keep them apart); each has its own
 //! file.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use rustix::fs::FlockOperation;
@@ -25,12 +27,20 @@ pub const WORK_DIR: &str = ".work";
 pub const DONE_DIR: &str = "done";
 pub const FAILED_DIR: &str = "failed";
 
+/// The longest file name (`NAME_MAX` of Linux filesystems), in bytes.
+pub const NAME_MAX: usize = 255;
+
+/// What a filed result's name adds to its manifest's.
+pub const RESULT_SUFFIX: &str = ".result.json";
+
 const PRESENCE_PREFIX: &str = ".daemon-";
 const PRESENCE_SUFFIX: &str = ".lock";
 
 /// Why the watch folder's bookkeeping failed.
 #[derive(Debug, thiserror::Error)]
 pub enum InboxError {
+    #[error("{} is already waiting to be taken: pick another name", path.display())]
+    Waiting { path: PathBuf },
     #[error("{action} {}: {source}", path.display())]
     Io {
         action: &'static str,
@@ -40,7 +50,21 @@ pub enum InboxError {
     },
 }
 
-fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> InboxError + 'a {
+impl InboxError {
+    /// The kind of the underlying I/O error (a full disk stays recognisable when wrapped).
+    pub fn io_kind(&self) -> std::io::ErrorKind {
+        match self {
+            Self::Io { source, .. } => source.kind(),
+            Self::Waiting { .. } => std::io::ErrorKind::AlreadyExists,
+        }
+    }
+}
+
+/// An I/O error of `action` on `path`, for `map_err`.
+pub(crate) fn io<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> InboxError + 'a {
     move |source| InboxError::Io {
         action,
         path: path.to_owned(),
@@ -132,9 +156,205 @@ fn is_presence_name(name: &OsStr) -> bool {
     b.starts_with(PRESENCE_PREFIX.as_bytes()) && b.ends_with(PRESENCE_SUFFIX.as_bytes())
 }
 
+// ---- Names of filed manifests and results, and durable writes ----
+
+/// `NAME.result.json`.
+pub fn result_name(name: &OsStr) -> OsString {
+    let mut r = name.to_owned();
+    r.push(RESULT_SUFFIX);
+    r
+}
+
+/// `name` split before its extension (`.json`, `.yaml`…): none when the name has no dot past its
+/// first byte, or when what follows the last dot is too long to be an extension worth keeping.
+fn split_ext(name: &[u8]) -> (&[u8], &[u8]) {
+    match name.iter().rposition(|&b| b == b'.').filter(|&i| i > 0) {
+        Some(i) if name.len() - i <= 16 => name.split_at(i),
+        _ => (name, &[]),
+    }
+}
+
+/// `fsync` a folder, so renames and links in it are durable.
+pub fn sync_dir(dir: &Path) -> Result<(), InboxError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("syncing folder", dir))
+}
+
+/// Write `bytes` to `path` atomically: a temp file beside it, fsync (if asked), rename.
+pub fn write_atomic(path: &Path, bytes: &[u8], fsync: bool) -> Result<(), InboxError> {
+    let mut temp = path.as_os_str().to_owned();
+    temp.push(".tmp");
+    let temp = PathBuf::from(temp);
+    let mut f = File::create(&temp).map_err(io("writing", &temp))?;
+    f.write_all(bytes).map_err(io("writing", &temp))?;
+    if fsync {
+        f.sync_all().map_err(io("syncing", &temp))?;
+    }
+    std::fs::rename(&temp, path).map_err(io("renaming into place", path))?;
+    if fsync && let Some(parent) = path.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+/// The `n`th name for `name` in `done/` or `failed/`: `NAME`, then `stem-1.ext`, `stem-2.ext`…
+/// (the extension kept, so a YAML manifest still reads as YAML).
+pub fn suffixed(name: &OsStr, n: u32) -> OsString {
+    if n == 0 {
+        return name.to_owned();
+    }
+    let (stem, ext) = split_ext(name.as_encoded_bytes());
+    let mut d = stem.to_vec();
+    d.extend_from_slice(format!("-{n}").as_bytes());
+    d.extend_from_slice(ext);
+    OsString::from_vec(d)
+}
+
+/// The `n`th name to file `name` under: [`suffixed`], unless `D.result.json` would then be longer
+/// than a file name may be; then the name is cut short and marked with a hash of the whole name
+/// (`<prefix>-<16 hex>[-n].ext`, the extension kept), so that the manifest and its result both
+/// fit. The result's `manifest` field keeps the name as dropped.
+pub fn filed_name(name: &OsStr, n: u32) -> OsString {
+    let plain = suffixed(name, n);
+    if plain.len() + RESULT_SUFFIX.len() <= NAME_MAX {
+        return plain;
+    }
+    let bytes = name.as_encoded_bytes();
+    let (stem, ext) = split_ext(bytes);
+    let tag = format!("-{}", &blake3::hash(bytes).to_hex()[..16]);
+    let num = if n > 0 {
+        format!("-{n}")
+    } else {
+        String::new()
+    };
+    let room = NAME_MAX - RESULT_SUFFIX.len() - tag.len() - num.len() - ext.len();
+    let mut keep = room.min(stem.len());
+    if let Ok(text) = std::str::from_utf8(stem) {
+        // A UTF-8 name stays UTF-8.
+        while !text.is_char_boundary(keep) {
+            keep -= 1;
+        }
+    }
+    let mut d = stem[..keep].to_vec();
+    d.extend_from_slice(tag.as_bytes());
+    d.extend_from_slice(num.as_bytes());
+    d.extend_from_slice(ext);
+    OsString::from_vec(d)
+}
+
+/// How many leading bytes of a manifest's stem every name it may be filed under starts with.
+const FILED_PREFIX: usize = 64;
+
+/// The name under `dest` of the file with inode `ino` that was filed from `name` (its name, or
+/// its name with a suffix): `submit --wait` finds its own manifest this way.
+pub fn find_filed(dest: &Path, name: &OsStr, ino: u64) -> Option<OsString> {
+    let (stem, _) = split_ext(name.as_encoded_bytes());
+    // A shortened name (see `filed_name`) keeps at least this much of the stem.
+    let stem = &stem[..stem.len().min(FILED_PREFIX)];
+    std::fs::read_dir(dest).ok()?.find_map(|e| {
+        let e = e.ok()?;
+        let n = e.file_name();
+        let ns = n.as_encoded_bytes();
+        (ns.starts_with(stem) && !ns.ends_with(RESULT_SUFFIX.as_bytes()))
+            .then(|| e.metadata().ok())
+            .flatten()
+            .filter(|m| m.ino() == ino)
+            .map(|_| n)
+    })
+}
+
+// ---- Dropping a manifest ----
+
+/// A fresh temporary name for a drop of `name`: `.NAME.<pid>.<random>.tmp`, with `NAME` cut short
+/// (on a byte boundary: names are bytes) when the whole would not fit in [`NAME_MAX`].
+fn drop_temp_name(name: &OsStr, attempt: u32) -> OsString {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(attempt);
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    let tail = format!(".{}.{:016x}.tmp", std::process::id(), h.finish());
+    let keep = NAME_MAX - 1 - tail.len();
+    let bytes = name.as_encoded_bytes();
+    let mut temp = b".".to_vec();
+    temp.extend_from_slice(&bytes[..bytes.len().min(keep)]);
+    temp.extend_from_slice(tail.as_bytes());
+    OsString::from_vec(temp)
+}
+
+/// Drop a manifest: write `bytes` as `<watch>/NAME` atomically and durably, never replacing a
+/// manifest of that name that is still waiting; the new file's inode.
+///
+/// The bytes go to a temporary file of their own, `.NAME.<pid>.<random>.tmp` (hidden and `.tmp`,
+/// so never taken; created exclusively, so two drops of one name never share it), which is
+/// fsynced and renamed to `NAME` with `RENAME_NOREPLACE`, then the folder is fsynced.
+pub fn drop_manifest(watch: &Path, name: &OsStr, bytes: &[u8]) -> Result<u64, InboxError> {
+    let target = watch.join(name);
+    let mut attempt = 0;
+    let (temp, mut f) = loop {
+        let temp = watch.join(drop_temp_name(name, attempt));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+        {
+            Ok(f) => break (temp, f),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 100 => {
+                attempt += 1;
+            }
+            Err(e) => return Err(io("creating", &temp)(e)),
+        }
+    };
+    if let Err(e) = f.write_all(bytes).and_then(|()| f.sync_all()) {
+        drop(f);
+        let _ = std::fs::remove_file(&temp);
+        return Err(io("writing", &temp)(e));
+    }
+    let ino = f.metadata().map_err(io("inspecting", &temp))?.ino();
+    drop(f);
+    let renamed = rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        &temp,
+        rustix::fs::CWD,
+        &target,
+        rustix::fs::RenameFlags::NOREPLACE,
+    );
+    if let Err(e) = renamed {
+        let _ = std::fs::remove_file(&temp);
+        if e == rustix::io::Errno::EXIST {
+            return Err(InboxError::Waiting { path: target });
+        }
+        return Err(io("renaming into", &target)(e.into()));
+    }
+    sync_dir(watch)?;
+    Ok(ino)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[test]
+    fn drop_temp_names_are_unique_and_fit_name_max() {
+        let long = "n".repeat(NAME_MAX);
+        for name in ["m.json", long.as_str()] {
+            let a = drop_temp_name(OsStr::new(name), 0);
+            let b = drop_temp_name(OsStr::new(name), 0);
+            assert_ne!(a, b, "two drops of one name share a temporary file");
+            for t in [&a, &b] {
+                assert!(t.len() <= NAME_MAX, "{t:?}");
+                let t = t.as_encoded_bytes();
+                assert!(
+                    t.starts_with(b".") && t.ends_with(b".tmp"),
+                    "{t:?} could be taken"
+                );
+            }
+        }
+    }
 
     #[test]
     fn presence_is_seen_while_held_and_gone_after() {

@@ -1,16 +1,12 @@
 //! `concatd submit`: drop a manifest into a rule's folder atomically; with `--wait`, wait for its
 //! result.
 //!
-//! The drop writes a temporary file of its own, `.NAME.<pid>.<random>.tmp` (hidden and `.tmp`, so
-//! ignored by the daemon; created exclusively, so two submits of one name never share it), fsyncs
-//! it and renames it to `NAME` without replacing anything: if a manifest of that name is already
-//! waiting, the submit fails and the waiting manifest is untouched. The daemon moves that very file (renamed into its job folder when claimed,
-//! then renamed into `done/` or `failed/`), so its inode identifies it there even when a unique
-//! suffix was added to its name.
+//! The drop is [`crate::inbox::drop_manifest`]: a temporary file of its own, renamed in without
+//! replacing a waiting manifest. The daemon moves that very file (renamed into its job folder when
+//! claimed, then renamed into `done/` or `failed/`), so its inode identifies it there even when a
+//! unique suffix was added to its name.
 
-use std::ffi::{OsStr, OsString};
-use std::io::Write;
-use std::os::unix::ffi::OsStringExt;
+use std::ffi::OsStr;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -18,8 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use super::{EXIT_USAGE, load_rule};
-use crate::daemon::claim::{find_filed, result_name};
 use crate::daemon::watch::{DONE_DIR, FAILED_DIR, is_candidate};
+use crate::inbox::{find_filed, result_name};
 use crate::result::JobResult;
 
 pub fn run(
@@ -43,7 +39,7 @@ pub fn run(
     };
     let bytes = std::fs::read(manifest)
         .with_context(|| format!("reading manifest {}", manifest.display()))?;
-    let ino = drop_atomically(&rule.watch, name, &bytes)?;
+    let ino = crate::inbox::drop_manifest(&rule.watch, name, &bytes)?;
     let dropped = rule.watch.join(name);
     if !wait {
         println!("{}", dropped.display());
@@ -92,77 +88,6 @@ pub fn run(
 /// How often `--wait` checks that a daemon still watches the folder.
 const LIVENESS_EVERY: Duration = Duration::from_secs(1);
 
-/// The longest file name Linux filesystems take (`NAME_MAX`).
-const NAME_MAX: usize = 255;
-
-/// A fresh temporary name for a drop of `name`: `.NAME.<pid>.<random>.tmp`, with `NAME` cut short
-/// (on a byte boundary: names are bytes) when the whole would not fit in [`NAME_MAX`].
-fn temp_name(name: &OsStr, attempt: u32) -> OsString {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(attempt);
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    let tail = format!(".{}.{:016x}.tmp", std::process::id(), h.finish());
-    let keep = NAME_MAX - 1 - tail.len();
-    let bytes = name.as_encoded_bytes();
-    let mut temp = b".".to_vec();
-    temp.extend_from_slice(&bytes[..bytes.len().min(keep)]);
-    temp.extend_from_slice(tail.as_bytes());
-    OsString::from_vec(temp)
-}
-
-/// Write `bytes` as `<watch>/NAME` atomically; the new file's inode.
-fn drop_atomically(watch: &Path, name: &OsStr, bytes: &[u8]) -> anyhow::Result<u64> {
-    let target = watch.join(name);
-    let mut attempt = 0;
-    let (temp, mut f) = loop {
-        let temp = watch.join(temp_name(name, attempt));
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&temp)
-        {
-            Ok(f) => break (temp, f),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 100 => {
-                attempt += 1;
-            }
-            Err(e) => return Err(e).with_context(|| format!("creating {}", temp.display())),
-        }
-    };
-    if let Err(e) = f.write_all(bytes).and_then(|()| f.sync_all()) {
-        drop(f);
-        let _ = std::fs::remove_file(&temp);
-        return Err(e).with_context(|| format!("writing {}", temp.display()));
-    }
-    let ino = f.metadata()?.ino();
-    drop(f);
-    let renamed = rustix::fs::renameat_with(
-        rustix::fs::CWD,
-        &temp,
-        rustix::fs::CWD,
-        &target,
-        rustix::fs::RenameFlags::NOREPLACE,
-    );
-    if let Err(e) = renamed {
-        let _ = std::fs::remove_file(&temp);
-        if e == rustix::io::Errno::EXIST {
-            anyhow::bail!(
-                "{} is already waiting to be taken: pick another name",
-                target.display()
-            );
-        }
-        return Err(std::io::Error::from(e))
-            .with_context(|| format!("renaming into {}", target.display()));
-    }
-    std::fs::File::open(watch).and_then(|d| d.sync_all())?;
-    Ok(ino)
-}
-
 /// The result of the manifest with inode `ino`, once it is filed.
 fn find_result(watch: &Path, name: &OsStr, ino: u64) -> Option<JobResult> {
     for sub in [DONE_DIR, FAILED_DIR] {
@@ -180,23 +105,4 @@ fn find_result(watch: &Path, name: &OsStr, ino: u64) -> Option<JobResult> {
         }
     }
     None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn submit_temp_names_are_unique_ignored_and_fit_name_max() {
-        let long = "n".repeat(NAME_MAX);
-        for name in ["m.json", long.as_str()] {
-            let a = temp_name(OsStr::new(name), 0);
-            let b = temp_name(OsStr::new(name), 0);
-            assert_ne!(a, b, "two drops of one name share a temporary file");
-            for t in [&a, &b] {
-                assert!(t.len() <= NAME_MAX, "{t:?}");
-                assert!(!is_candidate(t), "{t:?} would be taken as a manifest");
-            }
-        }
-    }
 }

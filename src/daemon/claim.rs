@@ -25,14 +25,17 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::ffi::OsStringExt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use rustix::fs::FlockOperation;
 
 use super::watch::WORK_DIR;
+#[cfg(test)]
+use crate::inbox::NAME_MAX;
+#[cfg(test)]
+use crate::inbox::suffixed;
+use crate::inbox::{RESULT_SUFFIX, filed_name, io, result_name, sync_dir, write_atomic};
 use crate::result::JobResult;
 
 /// The job's journal: its latest durable step (copying, publishing, published; see `recover`).
@@ -52,31 +55,8 @@ pub const FILING_RECORD: &str = ".filing";
 /// name may be as long as a file name can be (255 bytes), leaving no room for a suffix.
 pub const JOB_RESULT: &str = ".result.json";
 
-/// The longest file name (`NAME_MAX` of Linux filesystems), in bytes.
-pub const NAME_MAX: usize = 255;
-
-/// What a filed result's name adds to its manifest's.
-pub const RESULT_SUFFIX: &str = ".result.json";
-
-/// Why a claim or filing failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ClaimError {
-    #[error("{action} {}: {source}", path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ClaimError + 'a {
-    move |source| ClaimError::Io {
-        action,
-        path: path.to_owned(),
-        source,
-    }
-}
+/// Why a claim or filing failed: the watch folder's bookkeeping error.
+pub type ClaimError = crate::inbox::InboxError;
 
 /// A job folder this process holds locked.
 pub struct JobDir {
@@ -200,22 +180,6 @@ impl JobDir {
     }
 }
 
-/// `NAME.result.json`.
-pub fn result_name(name: &OsStr) -> OsString {
-    let mut r = name.to_owned();
-    r.push(RESULT_SUFFIX);
-    r
-}
-
-/// `name` split before its extension (`.json`, `.yaml`…): none when the name has no dot past its
-/// first byte, or when what follows the last dot is too long to be an extension worth keeping.
-fn split_ext(name: &[u8]) -> (&[u8], &[u8]) {
-    match name.iter().rposition(|&b| b == b'.').filter(|&i| i > 0) {
-        Some(i) if name.len() - i <= 16 => name.split_at(i),
-        _ => (name, &[]),
-    }
-}
-
 /// Claim `<watch>/NAME` for job `id`: `Ok(None)` when it is gone (someone else claimed it).
 pub fn claim(watch: &Path, name: &OsStr, id: &str) -> Result<Option<JobDir>, ClaimError> {
     let work = watch.join(WORK_DIR);
@@ -249,104 +213,6 @@ pub fn claim(watch: &Path, name: &OsStr, id: &str) -> Result<Option<JobDir>, Cla
         }
     }
     Ok(None)
-}
-
-/// `fsync` a folder, so renames and links in it are durable.
-pub fn sync_dir(dir: &Path) -> Result<(), ClaimError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("syncing folder", dir))
-}
-
-/// Write `bytes` to `path` atomically: a temp file beside it, fsync (if asked), rename.
-pub fn write_atomic(path: &Path, bytes: &[u8], fsync: bool) -> Result<(), ClaimError> {
-    let mut temp = path.as_os_str().to_owned();
-    temp.push(".tmp");
-    let temp = PathBuf::from(temp);
-    let mut f = File::create(&temp).map_err(io("writing", &temp))?;
-    f.write_all(bytes).map_err(io("writing", &temp))?;
-    if fsync {
-        f.sync_all().map_err(io("syncing", &temp))?;
-    }
-    std::fs::rename(&temp, path).map_err(io("renaming into place", path))?;
-    if fsync && let Some(parent) = path.parent() {
-        sync_dir(parent)?;
-    }
-    Ok(())
-}
-
-/// The `n`th name for `name` in `done/` or `failed/`: `NAME`, then `stem-1.ext`, `stem-2.ext`…
-/// (the extension kept, so a YAML manifest still reads as YAML).
-pub fn suffixed(name: &OsStr, n: u32) -> OsString {
-    if n == 0 {
-        return name.to_owned();
-    }
-    let bytes = name.as_encoded_bytes();
-    let (stem, ext) = match bytes.iter().rposition(|&b| b == b'.').filter(|&i| i > 0) {
-        Some(i) => bytes.split_at(i),
-        None => (bytes, &[][..]),
-    };
-    let mut d = stem.to_vec();
-    d.extend_from_slice(format!("-{n}").as_bytes());
-    d.extend_from_slice(ext);
-    OsString::from_vec(d)
-}
-
-/// The `n`th name to file `name` under: [`suffixed`], unless `D.result.json` would then be longer
-/// than a file name may be; then the name is cut short and marked with a hash of the whole name
-/// (`<prefix>-<16 hex>[-n].ext`, the extension kept), so that the manifest and its result both
-/// fit. The result's `manifest` field keeps the name as dropped.
-pub fn filed_name(name: &OsStr, n: u32) -> OsString {
-    let plain = suffixed(name, n);
-    if plain.len() + RESULT_SUFFIX.len() <= NAME_MAX {
-        return plain;
-    }
-    let bytes = name.as_encoded_bytes();
-    let (stem, ext) = split_ext(bytes);
-    let tag = format!("-{}", &blake3::hash(bytes).to_hex()[..16]);
-    let num = if n > 0 {
-        format!("-{n}")
-    } else {
-        String::new()
-    };
-    let room = NAME_MAX - RESULT_SUFFIX.len() - tag.len() - num.len() - ext.len();
-    let mut keep = room.min(stem.len());
-    if let Ok(text) = std::str::from_utf8(stem) {
-        // A UTF-8 name stays UTF-8.
-        while !text.is_char_boundary(keep) {
-            keep -= 1;
-        }
-    }
-    let mut d = stem[..keep].to_vec();
-    d.extend_from_slice(tag.as_bytes());
-    d.extend_from_slice(num.as_bytes());
-    d.extend_from_slice(ext);
-    OsString::from_vec(d)
-}
-
-/// How many leading bytes of a manifest's stem every name it may be filed under starts with.
-const FILED_PREFIX: usize = 64;
-
-/// The name under `dest` of the file with inode `ino` that was filed from `name` (its name, or
-/// its name with a suffix): `submit --wait` finds its own manifest this way.
-pub fn find_filed(dest: &Path, name: &OsStr, ino: u64) -> Option<OsString> {
-    let bytes = name.as_encoded_bytes();
-    let stem = match bytes.iter().rposition(|&b| b == b'.').filter(|&i| i > 0) {
-        Some(i) => &bytes[..i],
-        None => bytes,
-    };
-    // A shortened name (see `filed_name`) keeps at least this much of the stem.
-    let stem = &stem[..stem.len().min(FILED_PREFIX)];
-    std::fs::read_dir(dest).ok()?.find_map(|e| {
-        let e = e.ok()?;
-        let n = e.file_name();
-        let ns = n.as_encoded_bytes();
-        (ns.starts_with(stem) && !ns.ends_with(RESULT_SUFFIX.as_bytes()))
-            .then(|| e.metadata().ok())
-            .flatten()
-            .filter(|m| m.ino() == ino)
-            .map(|_| n)
-    })
 }
 
 /// File a finished job: result first into the job folder, then manifest and result into `dest`

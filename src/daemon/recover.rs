@@ -140,10 +140,9 @@ pub fn write_journal(
         Stage::Publishing => (claim::PUBLISH_JOURNAL, fsync),
         Stage::Published => (claim::PUBLISHED_RECORD, false),
     };
-    claim::write_atomic(&dir.join(name), &bytes, fsync).map_err(|e| {
+    crate::inbox::write_atomic(&dir.join(name), &bytes, fsync).map_err(|e| {
         // Keep the kind (a full disk is `no_space`) along with the message.
-        let claim::ClaimError::Io { source, .. } = &e;
-        std::io::Error::new(source.kind(), e)
+        std::io::Error::new(e.io_kind(), e)
     })
 }
 

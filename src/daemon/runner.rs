@@ -167,7 +167,7 @@ fn file(dir: JobDir, rule: &Rule, result: &JobResult) {
     match claim::file_result(dir, &rule.watch.join(sub), result, rule.fsync) {
         Ok(name) => tracing::info!(
             job_id = %id, manifest = %manifest, status = ?result.status,
-            result = %format!("{sub}/{}", claim::result_name(&name).to_string_lossy()),
+            result = %format!("{sub}/{}", crate::inbox::result_name(&name).to_string_lossy()),
             "result filed"
         ),
         Err(e) => tracing::warn!(
