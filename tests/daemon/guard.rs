@@ -73,6 +73,11 @@ fn an_output_root_inside_a_watch_folder_is_refused_by_check_and_run() {
     // A watch folder reached through a symlink, too.
     std::os::unix::fs::symlink(env.path("in"), env.path("inlink")).unwrap();
     refused(&env, &one_rule("inlink", "in/.work"), "a");
+    // A watch folder whose done/ is a symlink elsewhere: that elsewhere is the watch's too.
+    fs::create_dir_all(env.path("in3")).unwrap();
+    fs::create_dir_all(env.path("archive/2026")).unwrap();
+    std::os::unix::fs::symlink("../archive", env.path("in3/done")).unwrap();
+    refused(&env, &one_rule("in3", "archive/2026"), "a");
 
     // Across rules: rule a's output_root inside rule b's watch folder or its .work/.
     for root in ["in2/.work", "in2/done", "in2"] {
