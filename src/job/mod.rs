@@ -7,6 +7,8 @@
 //! [`JobError::kind`] is the one place where failures become the spec's error kinds.
 
 mod copy;
+#[cfg(test)]
+mod plan_props;
 mod verify;
 
 use std::path::Path;
