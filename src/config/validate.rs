@@ -176,6 +176,7 @@ impl<'a> Validator<'a> {
             .map(|(i, r)| self.rule(i, r, &mut names))
             .collect();
         self.overlaps(&rules);
+        self.log_dir_apart(&log_dir, &rules);
         Rules {
             path: PathBuf::new(),
             log_dir,
@@ -256,6 +257,29 @@ impl<'a> Validator<'a> {
                         ),
                     );
                 }
+            }
+        }
+    }
+
+    /// Rule logs in a watch folder would be taken as manifests (every name but a few is one), and
+    /// in its `.work/` swept as a job's leftovers.
+    fn log_dir_apart(&mut self, log_dir: &Path, rules: &[Rule]) {
+        if log_dir.as_os_str().is_empty() {
+            return;
+        }
+        let logs = resolved(log_dir);
+        for rule in rules.iter().filter(|r| !r.watch.as_os_str().is_empty()) {
+            if logs.starts_with(resolved(&rule.watch)) {
+                self.issue(
+                    None,
+                    "log_dir",
+                    format!(
+                        "{} lies inside the watch folder of rule '{}': logs would be taken as \
+                         manifests",
+                        log_dir.display(),
+                        rule.name
+                    ),
+                );
             }
         }
     }

@@ -102,6 +102,24 @@ fn an_output_root_inside_a_watch_folder_is_refused_by_check_and_run() {
     );
 }
 
+#[test]
+fn a_log_dir_inside_a_watch_folder_is_refused() {
+    let env = Env::new("");
+    for logs in ["in", "in/logs", "in/.work"] {
+        env.write_rules(&format!(
+            "log_dir: {logs}\nrules:\n  - name: a\n    watch: in\n    output_root: out\n"
+        ));
+        let out = env
+            .concatd()
+            .args(["check", "-c", "rules.yaml"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "log_dir {logs} accepted: {err}");
+        assert!(err.contains("key 'log_dir'"), "{err}");
+    }
+}
+
 /// A name carrying a newline, a forged log line, ANSI sequences (ESC and the one-byte C1 CSI),
 /// a carriage return, a tab and a backslash.
 const EVIL: &str = "evil\n2026-12-01T00:00:00Z  INFO forged\x1b[31m\u{9b}2J\r\t\\";
