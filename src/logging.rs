@@ -11,6 +11,11 @@
 //! hourly, UTC) and starts a new one, keeping the newest `log_keep` rotated files. Lines are
 //! handed to a non-lossy `tracing_appender::non_blocking` writer, so a slow disk never blocks a
 //! job and no line is dropped; its guard is kept for as long as the rule's writer may be used.
+//!
+//! Every field value is escaped ([`escape`]) in the rule files and on stderr alike, so a name that
+//! holds a newline or a terminal sequence can neither forge a line nor drive a terminal.
+
+mod escape;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -28,6 +33,8 @@ use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 
 use crate::config::{Rotation, Rules};
+use escape::{Escaped, push_escaped};
+pub use escape::{EscapedFields, escape};
 
 /// The live log file of `rule` in `log_dir`.
 pub fn rule_log_path(log_dir: &Path, rule: &str) -> PathBuf {
@@ -215,19 +222,23 @@ struct Fields {
 impl Visit for Fields {
     fn record_str(&mut self, field: &Field, value: &str) {
         match field.name() {
-            "message" => self.message.push_str(value),
+            "message" => push_escaped(&mut self.message, value),
             "rule" => self.rule = Some(value.to_owned()),
-            name => self.rest.push((name, value.to_owned())),
+            name => self.rest.push((name, escape(value).into_owned())),
         }
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         match field.name() {
             "message" => {
-                let _ = write!(self.message, "{value:?}");
+                let _ = write!(Escaped(&mut self.message), "{value:?}");
             }
             "rule" => self.rule = Some(format!("{value:?}")),
-            name => self.rest.push((name, format!("{value:?}"))),
+            name => {
+                let mut text = String::new();
+                let _ = write!(Escaped(&mut text), "{value:?}");
+                self.rest.push((name, text));
+            }
         }
     }
 }
@@ -308,6 +319,7 @@ pub fn init_daemon() -> RuleLogs {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let stderr = tracing_subscriber::fmt::layer()
+        .fmt_fields(EscapedFields)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_filter(filter);

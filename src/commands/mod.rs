@@ -58,10 +58,12 @@ pub fn load_rule(path: &std::path::Path, name: &str) -> Result<crate::config::Ru
 }
 
 /// Logs of foreground commands go to stderr; `RUST_LOG` sets the level (default: warnings).
+/// Field values are escaped as in the daemon's logs ([`crate::logging::EscapedFields`]).
 pub fn init_stderr_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
+        .fmt_fields(crate::logging::EscapedFields)
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

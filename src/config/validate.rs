@@ -15,6 +15,34 @@ use super::{
     parse_duration, parse_size,
 };
 
+/// The daemon's own folders inside a watch folder: claimed jobs, and filed manifests with their
+/// results.
+const WATCH_SUBFOLDERS: [&str; 3] = [".work", "done", "failed"];
+
+/// `path` made absolute with symlinks resolved, as far as it exists; the part that does not
+/// exist yet is appended as written.
+fn resolved(path: &Path) -> PathBuf {
+    let mut existing = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let mut rest = Vec::new();
+    let mut base = loop {
+        if let Ok(p) = std::fs::canonicalize(&existing) {
+            break p;
+        }
+        match (existing.file_name(), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name.to_owned());
+                existing = parent.to_owned();
+            }
+            // `..` at the end, or the root itself unreadable: compare as written.
+            _ => break existing.clone(),
+        }
+    };
+    for name in rest.iter().rev() {
+        base.push(name);
+    }
+    base
+}
+
 #[derive(Deserialize)]
 pub(super) struct RawRules {
     log_dir: Option<String>,
@@ -148,6 +176,7 @@ impl<'a> Validator<'a> {
             .map(|(i, r)| self.rule(i, r, &mut names))
             .collect();
         self.overlaps(&rules);
+        self.log_dir_apart(&log_dir, &rules);
         Rules {
             path: PathBuf::new(),
             log_dir,
@@ -160,29 +189,64 @@ impl<'a> Validator<'a> {
     }
 
     /// A watch folder must belong to one rule, and must not receive outputs: a published output
-    /// (or its `.b3`) landing in a watched folder would be taken as a manifest.
+    /// (or its `.b3`) landing in a watched folder would be taken as a manifest. The other way
+    /// round as well: an `output_root` inside a watch folder, its `.work/`, `done/` or `failed/`
+    /// (which may be symlinks elsewhere) would have outputs taken as manifests, filed as results,
+    /// or swept as leftovers of a job. Paths are compared resolved, symlinks followed.
     fn overlaps(&mut self, rules: &[Rule]) {
-        let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
         for (i, rule) in rules.iter().enumerate() {
-            let watch = canonical(&rule.watch);
+            if rule.watch.as_os_str().is_empty() {
+                continue;
+            }
+            let watch = resolved(&rule.watch);
             let label = format!("'{}'", rule.name);
             for (j, other) in rules.iter().enumerate() {
-                if watch.starts_with(canonical(&other.output_root)) {
-                    let whose = if i == j {
-                        "its own output_root".to_owned()
+                if other.output_root.as_os_str().is_empty() {
+                    continue;
+                }
+                let whose = |what: &str| {
+                    if i == j {
+                        format!("its own {what}")
                     } else {
-                        format!("the output_root of rule '{}'", other.name)
-                    };
+                        format!("the {what} of rule '{}'", other.name)
+                    }
+                };
+                let root = resolved(&other.output_root);
+                if watch.starts_with(&root) {
                     self.issue(
                         Some(&label),
                         "watch",
                         format!(
-                            "{} lies inside {whose}: outputs would be taken as manifests",
-                            rule.watch.display()
+                            "{} lies inside {}: outputs would be taken as manifests",
+                            rule.watch.display(),
+                            whose("output_root")
                         ),
                     );
                 }
-                if j < i && watch == canonical(&other.watch) {
+                // Reported on the rule whose output_root it is.
+                let inside = WATCH_SUBFOLDERS
+                    .iter()
+                    .map(|sub| (*sub, resolved(&rule.watch.join(sub))))
+                    .find(|(_, p)| root.starts_with(p))
+                    .map(|(sub, _)| format!("{sub}/ of "))
+                    .or_else(|| root.starts_with(&watch).then(String::new));
+                if let Some(sub) = inside {
+                    let whose = if i == j {
+                        "its own watch folder".to_owned()
+                    } else {
+                        format!("the watch folder of rule '{}'", rule.name)
+                    };
+                    self.issue(
+                        Some(&format!("'{}'", other.name)),
+                        "output_root",
+                        format!(
+                            "{} lies inside {sub}{whose}: outputs would be taken as manifests \
+                             or lost with the job's own files",
+                            other.output_root.display()
+                        ),
+                    );
+                }
+                if j < i && watch == resolved(&other.watch) {
                     self.issue(
                         Some(&label),
                         "watch",
@@ -193,6 +257,29 @@ impl<'a> Validator<'a> {
                         ),
                     );
                 }
+            }
+        }
+    }
+
+    /// Rule logs in a watch folder would be taken as manifests (every name but a few is one), and
+    /// in its `.work/` swept as a job's leftovers.
+    fn log_dir_apart(&mut self, log_dir: &Path, rules: &[Rule]) {
+        if log_dir.as_os_str().is_empty() {
+            return;
+        }
+        let logs = resolved(log_dir);
+        for rule in rules.iter().filter(|r| !r.watch.as_os_str().is_empty()) {
+            if logs.starts_with(resolved(&rule.watch)) {
+                self.issue(
+                    None,
+                    "log_dir",
+                    format!(
+                        "{} lies inside the watch folder of rule '{}': logs would be taken as \
+                         manifests",
+                        log_dir.display(),
+                        rule.name
+                    ),
+                );
             }
         }
     }

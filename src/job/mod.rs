@@ -8,6 +8,8 @@
 
 mod copy;
 mod pieces;
+#[cfg(test)]
+mod plan_props;
 mod verify;
 
 pub use pieces::{PIECES_JOURNAL, resumable};

@@ -357,7 +357,7 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         drop(listener); // connections to it are refused from now on
         let text = format!(
-            "log_dir: l\nrules:\n  - name: a\n    watch: /\n    output_root: .\n    allow:\n      urls: [\"http://127.0.0.1:{port}/\"]\n    remote:\n      attempts: 1\n"
+            "log_dir: l\nrules:\n  - name: a\n    watch: /dev\n    output_root: .\n    allow:\n      urls: [\"http://127.0.0.1:{port}/\"]\n    remote:\n      attempts: 1\n"
         );
         let rules = crate::config::parse(&text, &dir.path().join("r.yaml"), dir.path()).unwrap();
         let rule = rules.rules[0].clone();

@@ -2,12 +2,14 @@
 //!
 //! - here: taking manifests, many at once, two daemons, `submit`, `status`, `logs`, systemd;
 //! - [`recovery`]: crashes, restarts, shutdown aborts, the daemon's own files in a job folder;
-//! - [`reload`]: rules changed by SIGHUP or by saving the file.
+//! - [`reload`]: rules changed by SIGHUP or by saving the file;
+//! - [`guard`]: output roots that would land in a watch folder, names that forge log lines.
 
 #[path = "../support/mod.rs"]
 mod support;
 
 mod crash;
+mod guard;
 mod presence;
 mod publish;
 mod recovery;
