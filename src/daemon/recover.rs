@@ -94,7 +94,9 @@ pub fn assess(dir: JobDir, rule: &Rule) -> Result<Plan, ClaimError> {
     {
         return Ok(Plan::File(dir, Box::new(result)));
     }
-    if dir.name.is_empty() || !dir.manifest().exists() {
+    // `symlink_metadata`: a claimed symlink is a manifest to refuse (and file), whatever it
+    // points to, not a missing one.
+    if dir.name.is_empty() || std::fs::symlink_metadata(dir.manifest()).is_err() {
         // No manifest and no result: crashed while claiming, or after filing. Nothing to resume.
         dir.remove(false)?;
         return Ok(Plan::Gone);
@@ -158,7 +160,7 @@ fn remove_temps(dir: &JobDir, rule: &Rule) {
         .and_then(|b| serde_json::from_slice::<Journal>(&b).ok())
     {
         Some(j) => j.output.parent().map(Path::to_path_buf),
-        None => crate::manifest::Manifest::load(&dir.manifest())
+        None => crate::manifest::Manifest::load(&dir.manifest(), crate::manifest::Origin::Claimed)
             .ok()
             .and_then(|m| {
                 rule.output_root

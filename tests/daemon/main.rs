@@ -7,6 +7,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod inputs;
 mod recovery;
 mod reload;
 

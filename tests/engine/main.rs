@@ -4,6 +4,7 @@
 //! earlier file there untouched.
 
 mod failures;
+mod inputs;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
