@@ -6,6 +6,8 @@
 //! so a job of 1,000,000 parts never holds 1,000,000 parsed items at once. This module knows
 //! nothing of where sources live: opening a list is the caller's business.
 
+#[cfg(test)]
+mod fuzz;
 mod list;
 mod read;
 
