@@ -21,7 +21,7 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 
 pub use list::stream_list;
 pub use read::Origin;
-use read::tidy;
+use read::{tidy, tidy_against};
 
 /// Manifests larger than this are refused before they are parsed.
 pub const MAX_MANIFEST_BYTES: u64 = 64 << 20;
@@ -317,17 +317,17 @@ impl Manifest {
             crate::yaml::from_str_quiet(text).map_err(|e| ManifestError::Syntax {
                 path: path.to_owned(),
                 format: "YAML",
-                message: tidy(&e.to_string()),
+                message: tidy_against(&e.to_string(), text),
             })?
         } else {
             serde_json::from_str(text).map_err(|e| match e.classify() {
                 // Well-formed JSON that is not a manifest (an unknown key, a wrong type, too many
                 // sources): the manifest is invalid, not its syntax.
-                serde_json::error::Category::Data => invalid(&tidy(&e.to_string())),
+                serde_json::error::Category::Data => invalid(&tidy_against(&e.to_string(), text)),
                 _ => ManifestError::Syntax {
                     path: path.to_owned(),
                     format: "JSON",
-                    message: tidy(&e.to_string()),
+                    message: tidy_against(&e.to_string(), text),
                 },
             })?
         };

@@ -12,7 +12,7 @@ use std::rc::Rc;
 
 use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
 
-use super::{Location, ManifestError, SourceSpec, read::tidy};
+use super::{Location, ManifestError, SourceSpec, read::tidy, read::tidy_against};
 
 /// The longest line (text form) or element (JSON form) of a source list, in bytes.
 pub const MAX_LIST_ITEM_BYTES: usize = 64 << 10;
@@ -76,8 +76,12 @@ where
                     continue;
                 }
                 let spec = if item.starts_with('{') {
-                    serde_json::from_str(item)
-                        .map_err(|e| list_err(format!("line {number}: {}", tidy(&e.to_string()))))?
+                    serde_json::from_str(item).map_err(|e| {
+                        list_err(format!(
+                            "line {number}: {}",
+                            tidy_against(&e.to_string(), item)
+                        ))
+                    })?
                 } else {
                     SourceSpec::at(Location::from_text(item))
                 };

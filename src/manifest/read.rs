@@ -175,6 +175,42 @@ pub fn tidy(message: &str) -> String {
     out
 }
 
+/// [`tidy`], and then any run of the result still found in `input` (a quoted key that itself
+/// holds a quote mark fools the quote tracking of [`tidy`]) cut short. Windows of 41 characters
+/// are looked up at every 16th position (a few lookups, whatever the input's size), so no more
+/// than about 40 characters in a row of `input` survive.
+pub fn tidy_against(message: &str, input: &str) -> String {
+    const WINDOW: usize = EXCERPT_CHARS + 1;
+    const STRIDE: usize = 16;
+    const KEEP: usize = 24;
+    let chars: Vec<char> = tidy(message).chars().collect();
+    let mut echoed = vec![false; chars.len()];
+    let mut start = 0;
+    while start + WINDOW <= chars.len() {
+        let window: String = chars[start..start + WINDOW].iter().collect();
+        if input.contains(&window) {
+            echoed[start..start + WINDOW].fill(true);
+        }
+        start += STRIDE;
+    }
+    let mut out = String::with_capacity(chars.len() * 2);
+    let mut i = 0;
+    while i < chars.len() {
+        if echoed[i] {
+            let end = (i..chars.len())
+                .find(|&j| !echoed[j])
+                .unwrap_or(chars.len());
+            out.extend(&chars[i..(i + KEEP).min(end)]);
+            out.push('…');
+            i = end;
+        } else {
+            out.push(chars[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
 fn push_escaped(out: &mut String, ch: char) {
     if ch.is_control() || matches!(ch, '\u{2028}' | '\u{2029}') {
         out.extend(ch.escape_default());
@@ -201,6 +237,19 @@ mod tests {
         let t = tidy(&format!("bare {long} word"));
         assert_eq!(t, format!("bare {}… word", "k".repeat(40)));
         assert!(tidy(&"a b ".repeat(1000)).chars().count() <= MESSAGE_CHARS + 1);
+    }
+
+    #[test]
+    fn tidy_against_cuts_echoes_that_fool_the_quote_tracking() {
+        let key = format!("opath\":\"b\",\"size\":1,`{}", "a".repeat(80));
+        let message = format!("unknown field `{key}`, expected one of `output`");
+        let input = format!("{{\"{key}\": 1}}");
+        let t = tidy_against(&message, &input);
+        let chars: Vec<char> = t.chars().collect();
+        for w in chars.windows(48) {
+            assert!(!input.contains(&w.iter().collect::<String>()), "{t}");
+        }
+        assert!(t.ends_with("expected one of `output`"), "{t}");
     }
 
     #[test]
