@@ -6,15 +6,31 @@
 //! so a job of 1,000,000 parts never holds 1,000,000 parsed items at once. This module knows
 //! nothing of where sources live: opening a list is the caller's business.
 
+#[cfg(test)]
+mod fuzz;
+mod list;
+mod read;
+
 use std::fmt;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+
+pub use list::stream_list;
+pub use read::Origin;
+use read::{tidy, tidy_against};
 
 /// Manifests larger than this are refused before they are parsed.
 pub const MAX_MANIFEST_BYTES: u64 = 64 << 20;
+
+/// The most sources (and, apart, source lists) a manifest may hold inline. Each parsed source
+/// takes memory for as long as the job runs, so a job's memory must not follow however many a
+/// manifest's 64 MiB can spell out: longer lists belong in `source_lists`, which are streamed.
+/// Enforced while the manifest is parsed, at the element past the limit.
+pub const MAX_INLINE_SOURCES: usize = 100_000;
 
 /// Where one source lives, as the manifest wrote it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +87,8 @@ pub struct Expect {
 pub struct Manifest {
     /// The manifest's file name (the `manifest` field of results).
     pub name: String,
+    /// How messages name the manifest: its file name as dropped, or the path given to `once`
+    /// (see [`Origin::shown`]).
     pub path: PathBuf,
     /// The output path, relative to the rule's `output_root` (not yet checked).
     pub output: String,
@@ -82,7 +100,8 @@ pub struct Manifest {
     pub notes: Vec<String>,
 }
 
-/// Why a manifest (or one of its source lists) cannot be used.
+/// Why a manifest (or one of its source lists) cannot be used. `path` is the manifest as its
+/// user knows it (see [`Origin::shown`]); messages quote at most a short excerpt of its text.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     #[error("cannot read manifest {path}: {source}")]
@@ -91,6 +110,8 @@ pub enum ManifestError {
         #[source]
         source: std::io::Error,
     },
+    #[error("manifest {path} is not a regular file: it is {what}")]
+    NotRegular { path: PathBuf, what: &'static str },
     #[error(
         "manifest {path} is {size} bytes; the limit is 64 MiB (put long lists in source_lists)"
     )]
@@ -112,9 +133,9 @@ pub enum ManifestError {
 struct RawManifest {
     #[serde(alias = "key")]
     output: Option<String>,
-    #[serde(default, alias = "sourceList")]
+    #[serde(default, alias = "sourceList", deserialize_with = "bounded")]
     sources: Vec<SourceSpec>,
-    #[serde(default, alias = "sourceConfigList")]
+    #[serde(default, alias = "sourceConfigList", deserialize_with = "bounded")]
     source_lists: Vec<ListItem>,
     #[serde(default)]
     expect: Option<RawExpect>,
@@ -156,9 +177,55 @@ struct RawSource {
     blake3: Option<String>,
 }
 
+/// A sequence of at most [`MAX_INLINE_SOURCES`] items, refused at the item past the limit
+/// (before it is even parsed), so an over-long list never becomes a vector first.
+fn bounded<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Inline,
+{
+    struct V<T>(PhantomData<T>);
+    impl<'de, T: Deserialize<'de> + Inline> Visitor<'de> for V<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a list")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let hint = seq.size_hint().unwrap_or(0).min(1024);
+            let mut items = Vec::with_capacity(hint);
+            while let Some(item) = seq.next_element()? {
+                if items.len() == MAX_INLINE_SOURCES {
+                    return Err(de::Error::custom(T::TOO_MANY));
+                }
+                items.push(item);
+            }
+            Ok(items)
+        }
+    }
+    d.deserialize_seq(V(PhantomData))
+}
+
+/// What the manifest says when it holds too many of these inline.
+trait Inline {
+    const TOO_MANY: &'static str;
+}
+
+impl Inline for SourceSpec {
+    const TOO_MANY: &'static str = "more than 100000 inline sources (the limit of `sources`): \
+                                    put long lists of sources in `source_lists`, which are streamed";
+}
+
+impl Inline for ListItem {
+    const TOO_MANY: &'static str = "more than 100000 entries in `source_lists`";
+}
+
 fn parse_hash<E: de::Error>(text: &str) -> Result<blake3::Hash, E> {
-    blake3::Hash::from_hex(text.trim())
-        .map_err(|_| E::custom(format!("blake3 '{text}' is not 64 hex digits")))
+    blake3::Hash::from_hex(text.trim()).map_err(|_| {
+        E::custom(format!(
+            "blake3 {} is not 64 hex digits",
+            read::excerpt(text)
+        ))
+    })
 }
 
 impl<'de> Deserialize<'de> for SourceSpec {
@@ -173,13 +240,7 @@ impl<'de> Deserialize<'de> for SourceSpec {
                 if v.trim().is_empty() {
                     return Err(E::custom("empty source"));
                 }
-                Ok(SourceSpec {
-                    location: Location::from_text(v),
-                    offset: None,
-                    length: None,
-                    size: None,
-                    blake3: None,
-                })
+                Ok(SourceSpec::at(Location::from_text(v)))
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<SourceSpec, A::Error> {
                 let raw = RawSource::deserialize(de::value::MapAccessDeserializer::new(map))?;
@@ -208,33 +269,39 @@ impl<'de> Deserialize<'de> for SourceSpec {
     }
 }
 
+impl SourceSpec {
+    /// A whole source at `location`, nothing expected of it.
+    pub fn at(location: Location) -> Self {
+        Self {
+            location,
+            offset: None,
+            length: None,
+            size: None,
+            blake3: None,
+        }
+    }
+}
+
+impl Location {
+    /// Why this location cannot be used, if it cannot: a path holding a NUL byte reaches no
+    /// file (the system cuts it there), so it is refused when the manifest is read rather than
+    /// failing later as an unreadable source.
+    fn refusal(&self) -> Option<&'static str> {
+        match self {
+            Self::Path(p) if p.contains('\0') => Some("a path may not contain a NUL byte"),
+            Self::Url(u) if u.contains('\0') => Some("a URL may not contain a NUL byte"),
+            _ => None,
+        }
+    }
+}
+
 impl Manifest {
-    /// Read and parse the manifest at `path` (YAML for `.yaml`/`.yml`, JSON otherwise).
-    pub fn load(path: &Path) -> Result<Self, ManifestError> {
-        let read_err = |source| ManifestError::Read {
-            path: path.to_owned(),
-            source,
-        };
-        let file = std::fs::File::open(path).map_err(read_err)?;
-        let size = file.metadata().map_err(read_err)?.len();
-        if size > MAX_MANIFEST_BYTES {
-            return Err(ManifestError::TooBig {
-                path: path.to_owned(),
-                size,
-            });
-        }
-        let mut text = String::new();
-        // `take` guards against a file that grows after the size check.
-        file.take(MAX_MANIFEST_BYTES + 1)
-            .read_to_string(&mut text)
-            .map_err(read_err)?;
-        if text.len() as u64 > MAX_MANIFEST_BYTES {
-            return Err(ManifestError::TooBig {
-                path: path.to_owned(),
-                size: text.len() as u64,
-            });
-        }
-        Self::parse(&text, path)
+    /// Read and parse the manifest at `path` (YAML for `.yaml`/`.yml`, JSON otherwise), opened
+    /// as `origin` allows (see [`Origin`]; a FIFO, a device or, when claimed, a symlink is
+    /// refused, never waited on or followed).
+    pub fn load(path: &Path, origin: Origin) -> Result<Self, ManifestError> {
+        let text = read::read_text(path, origin)?;
+        Self::parse(&text, origin.shown(path))
     }
 
     /// Parse manifest text; `path` decides the format and names the manifest in errors.
@@ -243,22 +310,27 @@ impl Manifest {
             path.extension().and_then(|e| e.to_str()),
             Some("yaml" | "yml")
         );
-        let raw: RawManifest = if yaml {
-            crate::yaml::from_str(text).map_err(|e| ManifestError::Syntax {
-                path: path.to_owned(),
-                format: "YAML",
-                message: e.to_string(),
-            })?
-        } else {
-            serde_json::from_str(text).map_err(|e| ManifestError::Syntax {
-                path: path.to_owned(),
-                format: "JSON",
-                message: e.to_string(),
-            })?
-        };
         let invalid = |message: &str| ManifestError::Invalid {
             path: path.to_owned(),
             message: message.to_owned(),
+        };
+        let raw: RawManifest = if yaml {
+            crate::yaml::from_str_quiet(text).map_err(|e| ManifestError::Syntax {
+                path: path.to_owned(),
+                format: "YAML",
+                message: tidy_against(&e.to_string(), text),
+            })?
+        } else {
+            serde_json::from_str(text).map_err(|e| match e.classify() {
+                // Well-formed JSON that is not a manifest (an unknown key, a wrong type, too many
+                // sources): the manifest is invalid, not its syntax.
+                serde_json::error::Category::Data => invalid(&tidy_against(&e.to_string(), text)),
+                _ => ManifestError::Syntax {
+                    path: path.to_owned(),
+                    format: "JSON",
+                    message: tidy_against(&e.to_string(), text),
+                },
+            })?
         };
         let output = raw
             .output
@@ -267,9 +339,14 @@ impl Manifest {
         if raw.sources.is_empty() && raw.source_lists.is_empty() {
             return Err(invalid("no sources: give `sources` or `source_lists`"));
         }
+        for (i, spec) in raw.sources.iter().enumerate() {
+            if let Some(why) = spec.location.refusal() {
+                return Err(invalid(&format!("source {}: {why}", i + 1)));
+            }
+        }
         let mut source_lists = Vec::with_capacity(raw.source_lists.len());
-        for item in raw.source_lists {
-            source_lists.push(match item {
+        for (i, item) in raw.source_lists.into_iter().enumerate() {
+            let location = match item {
                 ListItem::Text(t) => Location::from_text(&t),
                 ListItem::Object(ListObject {
                     url: Some(u),
@@ -282,7 +359,11 @@ impl Manifest {
                 ListItem::Object(_) => {
                     return Err(invalid("a source_lists entry needs `path` or `url`"));
                 }
-            });
+            };
+            if let Some(why) = location.refusal() {
+                return Err(invalid(&format!("source list {}: {why}", i + 1)));
+            }
+            source_lists.push(location);
         }
         let expect = match raw.expect {
             None => Expect::default(),
@@ -299,7 +380,7 @@ impl Manifest {
         let mut notes = Vec::new();
         for (key, value) in [("bucket", raw.bucket), ("region", raw.region)] {
             if let Some(v) = value {
-                notes.push(format!("COS key `{key}` ({v}) ignored"));
+                notes.push(format!("COS key `{key}` ({}) ignored", tidy(&v)));
             }
         }
         Ok(Manifest {
@@ -332,124 +413,19 @@ impl Manifest {
         }
         for list in &self.source_lists {
             let reader = open_list(list)?;
-            stream_list(reader, &list.to_string(), &mut |spec| {
+            let name = list.to_string();
+            stream_list(reader, &name, &mut |spec| {
                 n += 1;
+                if let Some(why) = spec.location.refusal() {
+                    return Err(E::from(ManifestError::List {
+                        list: name.clone(),
+                        message: format!("source {n}: {why}"),
+                    }));
+                }
                 f(n, &spec)
             })?;
         }
         Ok(n)
-    }
-}
-
-/// Stream the items of one source list: a JSON array, or one source per line (blank lines and
-/// lines starting with `#` skipped; a line starting with `{` is one JSON object item).
-pub fn stream_list<E, F>(reader: Box<dyn Read + Send>, name: &str, f: &mut F) -> Result<(), E>
-where
-    E: From<ManifestError>,
-    F: FnMut(SourceSpec) -> Result<(), E>,
-{
-    let list_err = |message: String| {
-        E::from(ManifestError::List {
-            list: name.to_owned(),
-            message,
-        })
-    };
-    let mut reader = BufReader::with_capacity(256 << 10, reader);
-    let first = loop {
-        let buf = reader.fill_buf().map_err(|e| list_err(e.to_string()))?;
-        match buf.iter().position(|b| !b.is_ascii_whitespace()) {
-            Some(i) => {
-                let b = buf[i];
-                reader.consume(i);
-                break Some(b);
-            }
-            None if buf.is_empty() => break None,
-            None => {
-                let len = buf.len();
-                reader.consume(len);
-            }
-        }
-    };
-    match first {
-        None => Ok(()),
-        Some(b'[') => {
-            let mut failure = None;
-            let mut de = serde_json::Deserializer::from_reader(reader);
-            let seed = EachSeed {
-                f: &mut |spec| match f(spec) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        failure = Some(e);
-                        false
-                    }
-                },
-            };
-            let parsed = seed.deserialize(&mut de).and_then(|()| de.end());
-            match (failure, parsed) {
-                (Some(e), _) => Err(e),
-                (None, Err(e)) => Err(list_err(e.to_string())),
-                (None, Ok(())) => Ok(()),
-            }
-        }
-        Some(_) => {
-            let mut line = String::new();
-            let mut number = 0u64;
-            loop {
-                line.clear();
-                number += 1;
-                let read = reader
-                    .read_line(&mut line)
-                    .map_err(|e| list_err(format!("line {number}: {e}")))?;
-                if read == 0 {
-                    return Ok(());
-                }
-                let item = line.trim();
-                if item.is_empty() || item.starts_with('#') {
-                    continue;
-                }
-                let spec = if item.starts_with('{') {
-                    serde_json::from_str(item)
-                        .map_err(|e| list_err(format!("line {number}: {e}")))?
-                } else {
-                    SourceSpec {
-                        location: Location::from_text(item),
-                        offset: None,
-                        length: None,
-                        size: None,
-                        blake3: None,
-                    }
-                };
-                f(spec)?;
-            }
-        }
-    }
-}
-
-/// Deserializes a JSON array one element at a time, handing each to `f` (which returns false to
-/// stop), so the array is never held in memory.
-struct EachSeed<'a> {
-    f: &'a mut dyn FnMut(SourceSpec) -> bool,
-}
-
-impl<'de> DeserializeSeed<'de> for EachSeed<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_seq(self)
-    }
-}
-
-impl<'de> Visitor<'de> for EachSeed<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("an array of sources")
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while let Some(spec) = seq.next_element::<SourceSpec>()? {
-            if !(self.f)(spec) {
-                return Err(de::Error::custom("stopped"));
-            }
-        }
-        Ok(())
     }
 }
 
@@ -513,30 +489,5 @@ mod tests {
         assert!(e.to_string().contains("no sources"), "{e}");
         let e = parse("output: o\noutput: p\nsources: [a]\n", "m.yaml").unwrap_err();
         assert!(matches!(e, ManifestError::Syntax { .. }), "{e}");
-    }
-
-    fn collect(text: &str) -> Result<Vec<SourceSpec>, ManifestError> {
-        let mut out = Vec::new();
-        stream_list(
-            Box::new(std::io::Cursor::new(text.to_owned())),
-            "l",
-            &mut |s| {
-                out.push(s);
-                Ok::<(), ManifestError>(())
-            },
-        )?;
-        Ok(out)
-    }
-
-    #[test]
-    fn lists_as_lines_and_json_arrays() {
-        let lines = collect("a\n\n# note\n  b  \n{\"path\":\"c\",\"offset\":1}\n").unwrap();
-        assert_eq!(lines.len(), 3);
-        assert_eq!(lines[1].location, Location::Path("b".into()));
-        assert_eq!(lines[2].offset, Some(1));
-        let json = collect("  [\"a\", {\"url\":\"http://h/b\"}]").unwrap();
-        assert_eq!(json.len(), 2);
-        assert!(collect("[\"a\", 3]").is_err());
-        assert!(collect("").unwrap().is_empty());
     }
 }

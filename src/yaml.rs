@@ -13,6 +13,17 @@ pub fn from_str<T: DeserializeOwned>(input: &str) -> Result<T, serde_saphyr::Err
     serde_saphyr::from_str_with_options(input, options)
 }
 
+/// [`from_str`] for text whose errors are shown to others (manifests): the error carries no
+/// snippet of the surrounding lines, only the parser's message.
+pub fn from_str_quiet<T: DeserializeOwned>(input: &str) -> Result<T, serde_saphyr::Error> {
+    let options = serde_saphyr::options! {
+        duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error,
+        strict_booleans: true,
+        with_snippet: false,
+    };
+    serde_saphyr::from_str_with_options(input, options)
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;

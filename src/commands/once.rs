@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::{init_stderr_logging, load_rule};
 use crate::job::{self, JobContext, Progress};
+use crate::manifest::Origin;
 
 pub fn run(config: &Path, rule_name: &str, manifest: &Path) -> anyhow::Result<i32> {
     init_stderr_logging("warn");
@@ -36,7 +37,7 @@ pub fn run(config: &Path, rule_name: &str, manifest: &Path) -> anyhow::Result<i3
         if std::io::stderr().is_terminal() {
             s.spawn(|| show_progress(&progress, &done));
         }
-        let result = job::run(&ctx, manifest);
+        let result = job::run_from(&ctx, manifest, Origin::Given);
         done.store(true, Ordering::Relaxed);
         result
     });

@@ -196,7 +196,12 @@ impl JobState {
                 Err(_) => Self::ResultWritten(result),
             };
         }
-        if record.exists() || dir.name.is_empty() || !dir.manifest().exists() {
+        // `symlink_metadata`: a claimed symlink is a manifest to refuse (and file), whatever it
+        // points to, not a missing one.
+        if record.exists()
+            || dir.name.is_empty()
+            || std::fs::symlink_metadata(dir.manifest()).is_err()
+        {
             // Filed (the result left last), or crashed while claiming.
             return Self::Gone;
         }
@@ -244,10 +249,11 @@ pub fn assess(dir: JobDir, rule: &Rule) -> Result<Plan, ClaimError> {
         JobState::Claimed => {
             // An older daemon wrote no journal before its temporary file: look where the
             // manifest says the output goes.
-            if let Some(t) = crate::manifest::Manifest::load(&dir.manifest())
-                .ok()
-                .and_then(|m| OutputTarget::existing_folder(&rule.output_root, &m.output).ok())
-                .flatten()
+            if let Some(t) =
+                crate::manifest::Manifest::load(&dir.manifest(), crate::manifest::Origin::Claimed)
+                    .ok()
+                    .and_then(|m| OutputTarget::existing_folder(&rule.output_root, &m.output).ok())
+                    .flatten()
             {
                 clear_unpublished(&dir, &t);
             }

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
 
 use crate::config::Rule;
-use crate::manifest::{Manifest, ManifestError};
+use crate::manifest::{Manifest, ManifestError, Origin};
 use crate::output::{OutputError, OutputTarget, Publish, PublishStep, Renames};
 use crate::result::{ErrorKind, JobResult, ResultError, Status};
 use crate::source::{SourceError, Sources};
@@ -182,8 +182,15 @@ pub fn new_job_id() -> String {
     uuid::Uuid::now_v7().simple().to_string()
 }
 
-/// Run the manifest at `manifest_path` to completion and describe what happened.
+/// Run the manifest the daemon claimed at `manifest_path` to completion and describe what
+/// happened (see [`run_from`]).
 pub fn run(ctx: &JobContext, manifest_path: &Path) -> JobResult {
+    run_from(ctx, manifest_path, Origin::Claimed)
+}
+
+/// Run the manifest at `manifest_path`, reached as `origin` says (which decides whether a link
+/// may be followed and how errors name it), to completion and describe what happened.
+pub fn run_from(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> JobResult {
     let started = SystemTime::now();
     let clock = Instant::now();
     let manifest_name = manifest_path
@@ -192,7 +199,7 @@ pub fn run(ctx: &JobContext, manifest_path: &Path) -> JobResult {
         .unwrap_or_default();
     let mode = ctx.rule.write_mode.resolve();
     tracing::info!(job_id = %ctx.job_id, manifest = %manifest_name, "job started");
-    let outcome = execute(ctx, manifest_path);
+    let outcome = execute(ctx, manifest_path, origin);
     let elapsed = clock.elapsed();
     let mut result = JobResult {
         status: Status::Succeeded,
@@ -240,7 +247,7 @@ pub fn run(ctx: &JobContext, manifest_path: &Path) -> JobResult {
     result
 }
 
-fn execute(ctx: &JobContext, manifest_path: &Path) -> Result<Outcome, JobError> {
+fn execute(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> Result<Outcome, JobError> {
     // Progress is always counted: the copy's crash point `mid-copy` is a fraction of it.
     let counted = Progress::default();
     let ctx = &JobContext {
@@ -252,7 +259,7 @@ fn execute(ctx: &JobContext, manifest_path: &Path) -> Result<Outcome, JobError> 
         pieces: ctx.pieces,
     };
     let rule = ctx.rule;
-    let manifest = Manifest::load(manifest_path)?;
+    let manifest = Manifest::load(manifest_path, origin)?;
     for note in &manifest.notes {
         tracing::info!(job_id = %ctx.job_id, "{note}");
     }

@@ -80,7 +80,10 @@ fn setup(dir: &Path, sizes: &[usize], items: &[Item], listed: usize) -> (Manifes
     }
     let path = dir.join("in/m.json");
     std::fs::write(&path, serde_json::to_vec(&manifest).unwrap()).unwrap();
-    (Manifest::load(&path).unwrap(), want)
+    (
+        Manifest::load(&path, crate::manifest::Origin::Given).unwrap(),
+        want,
+    )
 }
 
 fn items() -> impl Strategy<Value = Vec<Item>> {

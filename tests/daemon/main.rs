@@ -10,6 +10,7 @@ mod support;
 
 mod crash;
 mod guard;
+mod inputs;
 mod presence;
 mod publish;
 mod recovery;

@@ -4,6 +4,7 @@
 //! earlier file there untouched.
 
 mod failures;
+mod inputs;
 mod sources;
 
 use std::path::{Path, PathBuf};
