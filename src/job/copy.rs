@@ -24,7 +24,7 @@ use crate::checksum::{NodeHash, Piece, PieceHasher, Pieces, TreeMerger};
 use crate::config::WriteMode;
 use crate::manifest::{Location, Manifest};
 use crate::output::{io_error, is_no_space};
-use crate::plan::Plan;
+use super::plan::Plan;
 use crate::source::{Pin, Reader, SourceError, Sources};
 
 /// Largest piece of output one worker copies and hashes as a unit (local sources).

@@ -8,6 +8,7 @@
 
 mod copy;
 mod pieces;
+pub mod plan;
 mod verify;
 
 pub use pieces::{PIECES_JOURNAL, resumable};
@@ -260,7 +261,7 @@ fn execute(ctx: &JobContext, manifest_path: &Path) -> Result<Outcome, JobError> 
         return Err(OutputError::Exists { path }.into());
     }
     let sources = Sources::new(rule).map_err(|source| JobError::Sources { source })?;
-    let plan = crate::plan::build(&manifest, &sources, rule.max_output_size)?;
+    let plan = plan::build(&manifest, &sources, rule.max_output_size)?;
     if let Some(p) = ctx.progress {
         p.total.store(plan.total, Ordering::Relaxed);
     }

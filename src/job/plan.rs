@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use crate::job::JobError;
+use super::JobError;
 use crate::manifest::{Location, Manifest, SourceSpec};
 use crate::source::{Pin, Probe, Sources};
 
