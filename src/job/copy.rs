@@ -19,12 +19,12 @@ use std::time::{Duration, Instant};
 use rustix::io::Errno;
 
 use super::pieces::{Done, Journal};
+use super::plan::Plan;
 use super::{JobContext, JobError};
 use crate::checksum::{NodeHash, Piece, PieceHasher, Pieces, TreeMerger};
 use crate::config::WriteMode;
 use crate::manifest::{Location, Manifest};
 use crate::output::{io_error, is_no_space};
-use super::plan::Plan;
 use crate::source::{Pin, Reader, SourceError, Sources};
 
 /// Largest piece of output one worker copies and hashes as a unit (local sources).

@@ -12,6 +12,7 @@ pub mod plan;
 mod verify;
 
 pub use pieces::{PIECES_JOURNAL, resumable};
+pub use plan::{Plan, Planned, Refusals};
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,7 +21,7 @@ use std::time::{Instant, SystemTime};
 use crate::config::Rule;
 use crate::manifest::{Manifest, ManifestError};
 use crate::output::{OutputError, OutputTarget, Publish, PublishStep, Renames};
-use crate::result::{ErrorKind, JobResult, ResultError, Status};
+use crate::result::{ErrorKind, JobResult, Problem, Published, ResultError, ResultHead, Timing};
 use crate::source::{SourceError, Sources};
 
 /// Why a job failed.
@@ -185,58 +186,152 @@ pub fn new_job_id() -> String {
 pub fn run(ctx: &JobContext, manifest_path: &Path) -> JobResult {
     let started = SystemTime::now();
     let clock = Instant::now();
-    let manifest_name = manifest_path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mode = ctx.rule.write_mode.resolve();
-    tracing::info!(job_id = %ctx.job_id, manifest = %manifest_name, "job started");
+    let head = result_head(ctx.rule, &ctx.job_id, manifest_path);
+    tracing::info!(job_id = %ctx.job_id, manifest = %head.manifest, "job started");
     let outcome = execute(ctx, manifest_path);
-    let elapsed = clock.elapsed();
-    let mut result = JobResult {
-        status: Status::Succeeded,
-        rule: ctx.rule.name.clone(),
-        manifest: manifest_name.clone(),
-        job_id: ctx.job_id.clone(),
-        output: None,
-        size: None,
-        blake3: None,
-        sources: None,
-        write_mode: Some(mode.as_str().to_owned()),
-        started_at: humantime::format_rfc3339_millis(started).to_string(),
-        finished_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-        duration_ms: elapsed.as_millis() as u64,
-        error: None,
+    let timing = Timing {
+        started,
+        finished: SystemTime::now(),
+        duration: clock.elapsed(),
     };
     match outcome {
         Ok(o) => {
-            let rate = o.size as f64 / elapsed.as_secs_f64().max(1e-9) / (1 << 20) as f64;
+            let rate = o.size as f64 / timing.duration.as_secs_f64().max(1e-9) / (1 << 20) as f64;
             tracing::info!(
-                job_id = %ctx.job_id, manifest = %manifest_name, output = %o.output.display(),
+                job_id = %ctx.job_id, manifest = %head.manifest, output = %o.output.display(),
                 bytes = o.size, sources = o.sources, blake3 = %o.hash.to_hex(),
-                ms = result.duration_ms, mib_per_s = format!("{rate:.1}"), "published"
+                ms = timing.duration.as_millis() as u64, mib_per_s = format!("{rate:.1}"),
+                "published"
             );
-            result.output = Some(o.output.display().to_string());
-            result.size = Some(o.size);
-            result.blake3 = Some(o.hash.to_hex().to_string());
-            result.sources = Some(o.sources);
+            let done = Published {
+                output: o.output.display().to_string(),
+                size: o.size,
+                blake3: o.hash.to_hex().to_string(),
+                sources: o.sources,
+            };
+            JobResult::published(head, timing, done)
         }
         Err(e) => {
             tracing::warn!(
-                job_id = %ctx.job_id, manifest = %manifest_name, kind = %e.kind(),
+                job_id = %ctx.job_id, manifest = %head.manifest, kind = %e.kind(),
                 error = %crate::source::Redacted(&e.to_string()), "failed"
             );
-            result.status = Status::Failed;
-            result.error = Some(ResultError {
-                kind: e.kind(),
-                // Sources are named redacted already; this keeps a URL quoted by any other
-                // error (a dependency's message, say) from carrying credentials into the result.
-                message: crate::source::redact(&format!("{manifest_name}: {e}")).into_owned(),
-                source_index: e.source_number(),
-            });
+            let error = problem(&head.manifest, &e).into();
+            JobResult::failed(head, timing, error)
         }
     }
-    result
+}
+
+/// The part of a result that names the job.
+pub fn result_head(rule: &Rule, job_id: &str, manifest_path: &Path) -> ResultHead {
+    ResultHead {
+        rule: rule.name.clone(),
+        manifest: manifest_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        job_id: job_id.to_owned(),
+        write_mode: Some(rule.write_mode.resolve().as_str().to_owned()),
+    }
+}
+
+/// A failure as a result lists it.
+pub fn problem(manifest_name: &str, e: &JobError) -> Problem {
+    Problem {
+        kind: e.kind(),
+        // Sources are named redacted already; this keeps a URL quoted by any other error (a
+        // dependency's message, say) from carrying credentials into the result.
+        message: crate::source::redact(&format!("{manifest_name}: {e}")).into_owned(),
+        source_index: e.source_number(),
+    }
+}
+
+impl From<Problem> for ResultError {
+    fn from(p: Problem) -> Self {
+        Self {
+            kind: p.kind,
+            message: p.message,
+            source_index: p.source_index,
+            problems: Vec::new(),
+        }
+    }
+}
+
+/// Everything a job decides before its first byte: the planning phase's value, which the running
+/// phase takes as it is (so `concatd plan` shows exactly what `once` and the daemon would do).
+pub struct Prepared {
+    pub manifest: Manifest,
+    pub target: OutputTarget,
+    /// Whether an existing output may be replaced (the manifest's `overwrite`, else the rule's).
+    pub overwrite: bool,
+    pub sources: Sources,
+    pub plan: Plan,
+}
+
+/// The planning phase: parse the manifest, check the output location, plan every source. No
+/// byte is written and no file created. With [`Refusals::First`] (a run) the first refusal ends
+/// it; with [`Refusals::All`] (`concatd plan`) every refusal found is returned, in order: the
+/// output's first, then the sources' in manifest order, then the totals'. `observe` sees each
+/// source planned.
+pub fn prepare(
+    rule: &Rule,
+    job_id: &str,
+    manifest_path: &Path,
+    refusals: Refusals,
+    observe: &mut dyn FnMut(&Planned),
+) -> Result<Prepared, Vec<JobError>> {
+    let manifest = Manifest::load(manifest_path).map_err(|e| vec![e.into()])?;
+    for note in &manifest.notes {
+        tracing::info!(job_id = %job_id, "{note}");
+    }
+    let mut problems: Vec<JobError> = Vec::new();
+    let mut refuse = |e: JobError| match refusals {
+        Refusals::First => Err(vec![e]),
+        Refusals::All => {
+            problems.push(e);
+            Ok(())
+        }
+    };
+    let overwrite = manifest.overwrite.unwrap_or(rule.overwrite);
+    let target = match OutputTarget::new(&rule.output_root, &manifest.output) {
+        Ok(target) => {
+            if !overwrite && let Some(path) = target.existing(rule.checksum_file) {
+                refuse(OutputError::Exists { path }.into())?;
+            }
+            Some(target)
+        }
+        Err(e) => {
+            refuse(e.into())?;
+            None
+        }
+    };
+    let sources = match Sources::new(rule) {
+        Ok(sources) => sources,
+        Err(source) => {
+            problems.push(JobError::Sources { source });
+            return Err(problems);
+        }
+    };
+    let plan = plan::build(&manifest, &sources, rule.max_output_size, refusals, observe);
+    match (plan, target) {
+        (Ok(plan), Some(target)) if problems.is_empty() => {
+            tracing::info!(
+                job_id = %job_id, sources = plan.count(), bytes = plan.total,
+                output = %target.path().display(), "planned"
+            );
+            Ok(Prepared {
+                manifest,
+                target,
+                overwrite,
+                sources,
+                plan,
+            })
+        }
+        (plan, _) => {
+            problems.extend(plan.err().into_iter().flatten());
+            Err(problems)
+        }
+    }
 }
 
 fn execute(ctx: &JobContext, manifest_path: &Path) -> Result<Outcome, JobError> {
@@ -251,24 +346,23 @@ fn execute(ctx: &JobContext, manifest_path: &Path) -> Result<Outcome, JobError> 
         pieces: ctx.pieces,
     };
     let rule = ctx.rule;
-    let manifest = Manifest::load(manifest_path)?;
-    for note in &manifest.notes {
-        tracing::info!(job_id = %ctx.job_id, "{note}");
-    }
-    let target = OutputTarget::new(&rule.output_root, &manifest.output)?;
-    let overwrite = manifest.overwrite.unwrap_or(rule.overwrite);
-    if !overwrite && let Some(path) = target.existing(rule.checksum_file) {
-        return Err(OutputError::Exists { path }.into());
-    }
-    let sources = Sources::new(rule).map_err(|source| JobError::Sources { source })?;
-    let plan = plan::build(&manifest, &sources, rule.max_output_size)?;
+    let Prepared {
+        manifest,
+        target,
+        overwrite,
+        sources,
+        plan,
+    } = prepare(
+        rule,
+        &ctx.job_id,
+        manifest_path,
+        Refusals::First,
+        &mut |_| {},
+    )
+    .map_err(|mut problems| problems.swap_remove(0))?;
     if let Some(p) = ctx.progress {
         p.total.store(plan.total, Ordering::Relaxed);
     }
-    tracing::info!(
-        job_id = %ctx.job_id, sources = plan.count(), bytes = plan.total,
-        output = %target.path().display(), "planned"
-    );
     if ctx.cancelled() {
         return Err(JobError::Cancelled);
     }
