@@ -165,6 +165,9 @@ pub fn build(
         ));
         return Err(problems);
     }
+    // The sum only grows with the sources not measured, so past the limit is past it; but with
+    // one unmeasured, it is no answer to `expect.size`.
+    let measured = problems.is_empty();
     if refusals == Refusals::All && plan.total > max_output_size {
         problems.push(JobError::TooLarge {
             message: format!(
@@ -175,9 +178,8 @@ pub fn build(
     }
     if let Some(want) = manifest.expect.size
         && want != plan.total
-        && problems.is_empty()
+        && measured
     {
-        // Only checked when every source was measured: with one missing the sum is no answer.
         problems.push(JobError::SizeMismatch {
             number: None,
             message: format!(

@@ -4,6 +4,7 @@
 //! earlier file there untouched.
 
 mod failures;
+mod plan;
 mod sources;
 
 use std::path::{Path, PathBuf};
