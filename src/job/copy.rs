@@ -106,6 +106,14 @@ impl Shared {
     }
 }
 
+/// How many pieces [`Copy::run`] cuts `plan`'s output into, with pieces of at most `max_piece`.
+pub(super) fn piece_count(plan: &Plan, max_piece: u64) -> u64 {
+    Pieces::new(plan.total, max_piece, |start, len| {
+        plan.sources_in(start, len) > MAX_SEGMENTS
+    })
+    .count() as u64
+}
+
 /// Workers for local sources: one per core.
 pub(super) fn default_workers() -> usize {
     std::thread::available_parallelism()

@@ -14,11 +14,12 @@ mod verify;
 pub use pieces::{PIECES_JOURNAL, resumable};
 pub use plan::{Plan, Planned, Refusals};
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Instant, SystemTime};
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::Rule;
+use crate::config::{Rule, WriteMode};
 use crate::manifest::{Manifest, ManifestError};
 use crate::output::{OutputError, OutputTarget, Publish, PublishStep, Renames};
 use crate::result::{ErrorKind, JobResult, Problem, Published, ResultError, ResultHead, Timing};
@@ -261,25 +262,41 @@ impl From<Problem> for ResultError {
 /// phase takes as it is (so `concatd plan` shows exactly what `once` and the daemon would do).
 pub struct Prepared {
     pub manifest: Manifest,
-    pub target: OutputTarget,
+    /// Where the output lands. `None` only after a [`Phase::Dry`] planning whose output folder
+    /// does not exist yet (a run creates it).
+    pub target: Option<OutputTarget>,
+    /// The output's path (`target`'s, or where it would be).
+    pub output: PathBuf,
     /// Whether an existing output may be replaced (the manifest's `overwrite`, else the rule's).
     pub overwrite: bool,
     pub sources: Sources,
     pub plan: Plan,
 }
 
+/// What the planning phase is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Before a run: the first refusal ends it, and the output's folders are created.
+    Run,
+    /// `concatd plan`: every refusal is found, and nothing is created.
+    Dry,
+}
+
 /// The planning phase: parse the manifest, check the output location, plan every source. No
-/// byte is written and no file created. With [`Refusals::First`] (a run) the first refusal ends
-/// it; with [`Refusals::All`] (`concatd plan`) every refusal found is returned, in order: the
-/// output's first, then the sources' in manifest order, then the totals'. `observe` sees each
-/// source planned.
+/// byte is written. With [`Phase::Run`] the first refusal ends it; with [`Phase::Dry`] every
+/// refusal found is returned, in order: the output's first, then the sources' in manifest order,
+/// then the totals'. `observe` sees each source planned.
 pub fn prepare(
     rule: &Rule,
     job_id: &str,
     manifest_path: &Path,
-    refusals: Refusals,
+    phase: Phase,
     observe: &mut dyn FnMut(&Planned),
 ) -> Result<Prepared, Vec<JobError>> {
+    let refusals = match phase {
+        Phase::Run => Refusals::First,
+        Phase::Dry => Refusals::All,
+    };
     let manifest = Manifest::load(manifest_path).map_err(|e| vec![e.into()])?;
     for note in &manifest.notes {
         tracing::info!(job_id = %job_id, "{note}");
@@ -293,17 +310,27 @@ pub fn prepare(
         }
     };
     let overwrite = manifest.overwrite.unwrap_or(rule.overwrite);
-    let target = match OutputTarget::new(&rule.output_root, &manifest.output) {
+    let target = match phase {
+        Phase::Run => OutputTarget::new(&rule.output_root, &manifest.output).map(Some),
+        Phase::Dry => OutputTarget::existing_folder(&rule.output_root, &manifest.output),
+    };
+    let target = match target {
         Ok(target) => {
-            if !overwrite && let Some(path) = target.existing(rule.checksum_file) {
+            if !overwrite
+                && let Some(path) = target.as_ref().and_then(|t| t.existing(rule.checksum_file))
+            {
                 refuse(OutputError::Exists { path }.into())?;
             }
-            Some(target)
+            target
         }
         Err(e) => {
             refuse(e.into())?;
             None
         }
+    };
+    let output = match &target {
+        Some(t) => t.path().to_path_buf(),
+        None => rule.output_root.join(&manifest.output),
     };
     let sources = match Sources::new(rule) {
         Ok(sources) => sources,
@@ -313,24 +340,95 @@ pub fn prepare(
         }
     };
     let plan = plan::build(&manifest, &sources, rule.max_output_size, refusals, observe);
-    match (plan, target) {
-        (Ok(plan), Some(target)) if problems.is_empty() => {
+    match plan {
+        Ok(plan) if problems.is_empty() => {
             tracing::info!(
                 job_id = %job_id, sources = plan.count(), bytes = plan.total,
-                output = %target.path().display(), "planned"
+                output = %output.display(), "planned"
             );
             Ok(Prepared {
                 manifest,
                 target,
+                output,
                 overwrite,
                 sources,
                 plan,
             })
         }
-        (plan, _) => {
+        plan => {
             problems.extend(plan.err().into_iter().flatten());
             Err(problems)
         }
+    }
+}
+
+/// A long copy says how far it is this often (one line: a job's log stays short whatever its
+/// size, see the README's "Logs").
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// Run `copy`, logging its progress every [`PROGRESS_EVERY`] until it returns.
+fn progress_logged<T>(ctx: &JobContext, total: u64, copy: impl FnOnce() -> T) -> T {
+    let Some(progress) = ctx.progress else {
+        return copy();
+    };
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let span = tracing::Span::current();
+    let span = &span;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            span.in_scope(|| {
+                let clock = Instant::now();
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(PROGRESS_EVERY) {
+                    let done = progress.done.load(Ordering::Relaxed);
+                    let rate = done as f64 / clock.elapsed().as_secs_f64() / (1 << 20) as f64;
+                    tracing::info!(
+                        job_id = %ctx.job_id, bytes = done, total,
+                        percent = format!("{:.1}", done as f64 * 100.0 / total.max(1) as f64),
+                        mib_per_s = format!("{rate:.1}"), "copying"
+                    );
+                }
+            })
+        });
+        let out = copy();
+        drop(stop);
+        out
+    })
+}
+
+/// How the running phase would copy a prepared job.
+#[derive(Debug, Clone, Copy)]
+pub struct Layout {
+    /// Copy threads (for remote sources: requests in flight).
+    pub workers: usize,
+    /// Largest piece of output copied and hashed as a unit.
+    pub piece_size: u64,
+    pub pieces: u64,
+    /// The write mode the rule resolves to (`mmap` falls back to `pwrite` where the output's
+    /// filesystem cannot allocate, which only creating the file finds out).
+    pub write_mode: WriteMode,
+}
+
+impl Prepared {
+    /// How [`run`] would copy this job under `rule`.
+    pub fn layout(&self, rule: &Rule) -> Layout {
+        let (workers, piece_size) = copy_settings(rule, &self.plan);
+        Layout {
+            workers,
+            piece_size,
+            pieces: copy::piece_count(&self.plan, piece_size),
+            write_mode: rule.write_mode.resolve(),
+        }
+    }
+}
+
+/// Workers and piece size of a job's copy pass. Remote sources: as many workers as ranged
+/// requests wanted in flight, and pieces of the configured chunk size (one request each);
+/// local-only jobs keep the measured defaults.
+fn copy_settings(rule: &Rule, plan: &Plan) -> (usize, u64) {
+    if plan.remote {
+        (rule.remote.parallel, rule.remote.chunk_size)
+    } else {
+        (copy::default_workers(), copy::MAX_PIECE)
     }
 }
 
@@ -352,14 +450,10 @@ fn execute(ctx: &JobContext, manifest_path: &Path) -> Result<Outcome, JobError> 
         overwrite,
         sources,
         plan,
-    } = prepare(
-        rule,
-        &ctx.job_id,
-        manifest_path,
-        Refusals::First,
-        &mut |_| {},
-    )
-    .map_err(|mut problems| problems.swap_remove(0))?;
+        ..
+    } = prepare(rule, &ctx.job_id, manifest_path, Phase::Run, &mut |_| {})
+        .map_err(|mut problems| problems.swap_remove(0))?;
+    let target = target.ok_or_else(|| JobError::Internal("no output target".into()))?;
     if let Some(p) = ctx.progress {
         p.total.store(plan.total, Ordering::Relaxed);
     }
@@ -382,13 +476,7 @@ fn execute(ctx: &JobContext, manifest_path: &Path) -> Result<Outcome, JobError> 
     };
     // Recorded before the temporary file exists, so recovery always knows where to look for it.
     record(&step(Stage::Copying, None, None))?;
-    // Remote sources: as many workers as ranged requests wanted in flight, and pieces of the
-    // configured chunk size (one request each); local-only jobs keep the measured defaults.
-    let (workers, max_piece) = if plan.remote {
-        (rule.remote.parallel, rule.remote.chunk_size)
-    } else {
-        (copy::default_workers(), copy::MAX_PIECE)
-    };
+    let (workers, max_piece) = copy_settings(rule, &plan);
     let configured_mode = rule.write_mode.resolve();
     let (temp, journal, resumed) = match ctx.pieces {
         Some(path) if plan.total > 0 => {
@@ -428,7 +516,7 @@ fn execute(ctx: &JobContext, manifest_path: &Path) -> Result<Outcome, JobError> 
         journal: std::sync::Mutex::new(journal),
         resumed,
     };
-    let hash = match copy.run() {
+    let hash = match progress_logged(ctx, plan.total, || copy.run()) {
         Ok(hash) => hash,
         // A shutdown: the job stays claimed and reruns at the next start, resuming from the
         // pieces journaled so far, so keep the bytes they describe.
