@@ -386,3 +386,51 @@ fn per_source_lines_at_debug_level() {
     assert_eq!(planned, 5000, "{} lines on stderr", stderr.len());
     assert!(lines.len() < 20, "{} lines in the rule log", lines.len());
 }
+
+/// A loopback server answering every request like a HEAD of a 1234-byte object with validators.
+fn head_server() -> u16 {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                line.clear();
+            }
+            let _ = (&stream).write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\nETag: \"v1\"\r\n\
+                  Last-Modified: Tue, 01 Dec 2026 10:00:00 GMT\r\nConnection: close\r\n\r\n",
+            );
+        }
+    });
+    port
+}
+
+#[test]
+fn plan_shows_a_remote_source_with_its_validators() {
+    let port = head_server();
+    let env = Env::new(&format!(
+        "    allow:\n      paths: [data]\n      urls: [\"http://127.0.0.1:{port}/\"]\n"
+    ));
+    env.data("a", &bytes(9, 10));
+    let url = format!("http://127.0.0.1:{port}/obj.bin");
+    let m =
+        json(serde_json::json!({"output": "r.bin", "sources": ["a", {"url": url, "offset": 34}]}));
+    let (code, p) = env.plan_json("m.json", &m);
+    assert_eq!(code, 0, "{p:#}");
+    assert_eq!(p["size"], 10 + 1200);
+    let s = &p["sources"][1];
+    assert_eq!(s["location"], url.as_str());
+    assert!(s.get("resolved").is_none());
+    assert_eq!(
+        (s["output_offset"].as_u64(), s["length"].as_u64()),
+        (Some(10), Some(1200))
+    );
+    assert_eq!(s["pin"]["kind"], "remote");
+    assert_eq!(s["pin"]["etag"], "\"v1\"");
+    assert_eq!(s["pin"]["last_modified"], "Tue, 01 Dec 2026 10:00:00 GMT");
+    assert_eq!(s["pin"]["size"], 1234);
+    assert!(walk(&env.path("out")).is_empty());
+}
