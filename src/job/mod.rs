@@ -1,9 +1,11 @@
 //! One job: a manifest in, a verified output published (or nothing), a [`JobResult`] out.
 //!
-//! The same code serves `concatd once` and the daemon. Steps: parse the manifest, check the output
-//! location, plan (every source checked and measured), allocate the temporary output, copy and hash
-//! on every core ([`copy`]), check per-source and whole-output checksums, publish. Any failure
-//! drops the temporary output, which removes it: nothing appears at the output path.
+//! The same code serves `concatd once` and the daemon, in two phases. Planning ([`prepare`]):
+//! parse the manifest, check the output location, plan (every source checked and measured,
+//! [`plan`]) — all a job decides before its first byte, and all `concatd plan` runs. Running:
+//! allocate the temporary output, copy and hash on every core ([`copy`]), check per-source and
+//! whole-output checksums, publish. Any failure drops the temporary output, which removes it:
+//! nothing appears at the output path.
 //! [`JobError::kind`] is the one place where failures become the spec's error kinds.
 
 mod copy;
