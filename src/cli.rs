@@ -39,6 +39,21 @@ pub enum Command {
         /// The manifest (JSON, or YAML for .yaml/.yml).
         manifest: PathBuf,
     },
+    /// Show everything a manifest's job would decide, moving no byte; exit 1 listing every
+    /// refusal when it would fail.
+    Plan {
+        /// The rules file (YAML): log_dir and the rules, see docs/reference.md.
+        #[arg(short = 'c', long = "config", value_name = "RULES.yaml")]
+        config: PathBuf,
+        /// The rule whose settings apply.
+        #[arg(long, value_name = "NAME")]
+        rule: String,
+        /// The manifest (JSON, or YAML for .yaml/.yml).
+        manifest: PathBuf,
+        /// Print one JSON document (the plan, or the failed result) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Drop a manifest into a rule's folder; with --wait, wait for and print its result.
     Submit {
         /// The rules file (YAML): log_dir and the rules, see docs/reference.md.

@@ -3,7 +3,7 @@
 //!
 //! The library holds everything; `main.rs` only parses the command line and turns the outcome
 //! into an exit code. Data flows one way (see `ARCHITECTURE` in the README): a manifest is
-//! parsed ([`manifest`]), its sources resolved ([`source`]) and planned ([`plan`]), copied and
+//! parsed ([`manifest`]), its sources resolved ([`source`]) and planned ([`job::plan`]), copied and
 //! hashed into a temporary output ([`job`], [`checksum`], [`output`]) and published; the daemon
 //! ([`daemon`]) feeds jobs from watched folders and files their [`result`]s.
 
@@ -18,7 +18,6 @@ pub mod job;
 pub mod logging;
 pub mod manifest;
 pub mod output;
-pub mod plan;
 pub mod result;
 pub mod source;
 pub mod yaml;

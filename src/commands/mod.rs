@@ -3,6 +3,7 @@
 mod check;
 mod logs;
 mod once;
+mod plan;
 mod run;
 mod status;
 mod submit;
@@ -22,6 +23,12 @@ pub fn dispatch(command: Command) -> anyhow::Result<i32> {
             rule,
             manifest,
         } => once::run(&config, &rule, &manifest),
+        Command::Plan {
+            config,
+            rule,
+            manifest,
+            json,
+        } => plan::run(&config, &rule, &manifest, json),
         Command::Run { config } => run::run(&config),
         Command::Submit {
             config,

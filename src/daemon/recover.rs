@@ -44,7 +44,7 @@ use super::watch::WORK_DIR;
 use crate::config::Rule;
 use crate::job::{JobStep, Stage};
 use crate::output::{OutputTarget, Publish, Renames};
-use crate::result::{JobResult, Status};
+use crate::result::{JobResult, Published, ResultHead, Timing};
 
 /// The job journal (`.publish.json`): the latest durable step of the job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -339,23 +339,30 @@ fn published(dir: &JobDir, rule: &Rule, journal: &Journal) -> JobResult {
         job_id = %dir.id, manifest = %dir.name.to_string_lossy(), output = %output.display(),
         "recovered: the output was published before the crash"
     );
-    let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-    JobResult {
-        status: Status::Succeeded,
+    let head = ResultHead {
         rule: rule.name.clone(),
         manifest: dir.name.to_string_lossy().into_owned(),
         job_id: dir.id.clone(),
-        output: Some(output.display().to_string()),
-        size: Some(journal.size),
-        blake3: Some(journal.blake3.clone()),
-        sources: Some(journal.sources),
         write_mode: Some(rule.write_mode.resolve().as_str().to_owned()),
-        started_at: journal.started_at.clone(),
-        finished_at: now,
-        duration_ms: 0,
-        error: None,
-    }
+    };
+    // The journal holds the start as the result will show it; the run's length is unknown (a
+    // crash came between), so it says 0 rather than counting the downtime.
+    let finished = std::time::SystemTime::now();
+    let started = humantime::parse_rfc3339_weak(&journal.started_at).unwrap_or(finished);
+    let timing = Timing {
+        started,
+        finished,
+        duration: std::time::Duration::ZERO,
+    };
+    let done = Published {
+        output: output.display().to_string(),
+        size: journal.size,
+        blake3: journal.blake3.clone(),
+        sources: journal.sources,
+    };
+    JobResult::published(head, timing, done)
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;

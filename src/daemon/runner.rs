@@ -14,7 +14,7 @@ use super::recover::{self, Plan};
 use super::watch::{DONE_DIR, FAILED_DIR};
 use crate::config::Rule;
 use crate::job::{self, JobContext, JobStep};
-use crate::result::{ErrorKind, JobResult, ResultError, Status};
+use crate::result::{ErrorKind, JobResult, ResultError, Timing};
 
 /// Work waiting in a rule's queue.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -134,26 +134,14 @@ fn catch_panic(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     tracing::error!(job_id = %job_id, manifest = %name, panic = %why, "job panicked");
-    let stamp = |t| humantime::format_rfc3339_millis(t).to_string();
-    JobResult {
-        status: Status::Failed,
-        rule: rule.name.clone(),
-        manifest: name.clone(),
-        job_id: job_id.to_owned(),
-        output: None,
-        size: None,
-        blake3: None,
-        sources: None,
-        write_mode: Some(rule.write_mode.resolve().as_str().to_owned()),
-        started_at: stamp(started),
-        finished_at: stamp(std::time::SystemTime::now()),
-        duration_ms: started.elapsed().map_or(0, |d| d.as_millis() as u64),
-        error: Some(ResultError {
-            kind: ErrorKind::Internal,
-            message: format!("{name}: internal error: job panicked: {why}"),
-            source_index: None,
-        }),
-    }
+    let head = job::result_head(rule, job_id, manifest);
+    let error = ResultError {
+        kind: ErrorKind::Internal,
+        message: format!("{name}: internal error: job panicked: {why}"),
+        source_index: None,
+        problems: Vec::new(),
+    };
+    JobResult::failed(head, Timing::until_now(started), error)
 }
 
 fn file(dir: JobDir, rule: &Rule, result: &JobResult) {
@@ -180,6 +168,7 @@ fn file(dir: JobDir, rule: &Rule, result: &JobResult) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::result::Status;
 
     fn rule() -> Rule {
         let dir = tempfile::tempdir().unwrap();
@@ -191,25 +180,19 @@ mod tests {
     }
 
     fn failed(kind: ErrorKind, message: &str) -> JobResult {
-        JobResult {
-            status: Status::Failed,
+        let head = crate::result::ResultHead {
             rule: "r".into(),
             manifest: "cancelled.json".into(),
             job_id: "j".into(),
-            output: None,
-            size: None,
-            blake3: None,
-            sources: None,
             write_mode: None,
-            started_at: String::new(),
-            finished_at: String::new(),
-            duration_ms: 0,
-            error: Some(ResultError {
-                kind,
-                message: message.into(),
-                source_index: None,
-            }),
-        }
+        };
+        let error = ResultError {
+            kind,
+            message: message.into(),
+            source_index: None,
+            problems: Vec::new(),
+        };
+        JobResult::failed(head, Timing::until_now(std::time::SystemTime::now()), error)
     }
 
     #[test]

@@ -19,12 +19,12 @@ use std::time::{Duration, Instant};
 use rustix::io::Errno;
 
 use super::pieces::{Done, Journal};
+use super::plan::Plan;
 use super::{JobContext, JobError};
 use crate::checksum::{NodeHash, Piece, PieceHasher, Pieces, TreeMerger};
 use crate::config::WriteMode;
 use crate::manifest::{Location, Manifest};
 use crate::output::{io_error, is_no_space};
-use crate::plan::Plan;
 use crate::source::{Pin, Reader, SourceError, Sources};
 
 /// Largest piece of output one worker copies and hashes as a unit (local sources).
@@ -104,6 +104,14 @@ impl Shared {
         }
         self.stop.store(true, Ordering::Relaxed);
     }
+}
+
+/// How many pieces [`Copy::run`] cuts `plan`'s output into, with pieces of at most `max_piece`.
+pub(super) fn piece_count(plan: &Plan, max_piece: u64) -> u64 {
+    Pieces::new(plan.total, max_piece, |start, len| {
+        plan.sources_in(start, len) > MAX_SEGMENTS
+    })
+    .count() as u64
 }
 
 /// Workers for local sources: one per core.

@@ -1,27 +1,32 @@
 //! One job: a manifest in, a verified output published (or nothing), a [`JobResult`] out.
 //!
-//! The same code serves `concatd once` and the daemon. Steps: parse the manifest, check the output
-//! location, plan (every source checked and measured), allocate the temporary output, copy and hash
-//! on every core ([`copy`]), check per-source and whole-output checksums, publish. Any failure
-//! drops the temporary output, which removes it: nothing appears at the output path.
+//! The same code serves `concatd once` and the daemon, in two phases. Planning ([`prepare`]):
+//! parse the manifest, check the output location, plan (every source checked and measured,
+//! [`plan`]) — all a job decides before its first byte, and all `concatd plan` runs. Running:
+//! allocate the temporary output, copy and hash on every core ([`copy`]), check per-source and
+//! whole-output checksums, publish. Any failure drops the temporary output, which removes it:
+//! nothing appears at the output path.
 //! [`JobError::kind`] is the one place where failures become the spec's error kinds.
 
 mod copy;
 mod pieces;
+pub mod plan;
 #[cfg(test)]
 mod plan_props;
 mod verify;
 
 pub use pieces::{PIECES_JOURNAL, resumable};
+pub use plan::{Plan, Planned, Refusals};
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Instant, SystemTime};
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::Rule;
+use crate::config::{Rule, WriteMode};
 use crate::manifest::{Manifest, ManifestError, Origin};
 use crate::output::{OutputError, OutputTarget, Publish, PublishStep, Renames};
-use crate::result::{ErrorKind, JobResult, ResultError, Status};
+use crate::result::{ErrorKind, JobResult, Problem, Published, ResultError, ResultHead, Timing};
 use crate::source::{SourceError, Sources};
 
 /// Why a job failed.
@@ -193,58 +198,250 @@ pub fn run(ctx: &JobContext, manifest_path: &Path) -> JobResult {
 pub fn run_from(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> JobResult {
     let started = SystemTime::now();
     let clock = Instant::now();
-    let manifest_name = manifest_path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mode = ctx.rule.write_mode.resolve();
-    tracing::info!(job_id = %ctx.job_id, manifest = %manifest_name, "job started");
+    let head = result_head(ctx.rule, &ctx.job_id, manifest_path);
+    tracing::info!(job_id = %ctx.job_id, manifest = %head.manifest, "job started");
     let outcome = execute(ctx, manifest_path, origin);
-    let elapsed = clock.elapsed();
-    let mut result = JobResult {
-        status: Status::Succeeded,
-        rule: ctx.rule.name.clone(),
-        manifest: manifest_name.clone(),
-        job_id: ctx.job_id.clone(),
-        output: None,
-        size: None,
-        blake3: None,
-        sources: None,
-        write_mode: Some(mode.as_str().to_owned()),
-        started_at: humantime::format_rfc3339_millis(started).to_string(),
-        finished_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-        duration_ms: elapsed.as_millis() as u64,
-        error: None,
+    let timing = Timing {
+        started,
+        finished: SystemTime::now(),
+        duration: clock.elapsed(),
     };
     match outcome {
         Ok(o) => {
-            let rate = o.size as f64 / elapsed.as_secs_f64().max(1e-9) / (1 << 20) as f64;
+            let rate = o.size as f64 / timing.duration.as_secs_f64().max(1e-9) / (1 << 20) as f64;
             tracing::info!(
-                job_id = %ctx.job_id, manifest = %manifest_name, output = %o.output.display(),
+                job_id = %ctx.job_id, manifest = %head.manifest, output = %o.output.display(),
                 bytes = o.size, sources = o.sources, blake3 = %o.hash.to_hex(),
-                ms = result.duration_ms, mib_per_s = format!("{rate:.1}"), "published"
+                ms = timing.duration.as_millis() as u64, mib_per_s = format!("{rate:.1}"),
+                "published"
             );
-            result.output = Some(o.output.display().to_string());
-            result.size = Some(o.size);
-            result.blake3 = Some(o.hash.to_hex().to_string());
-            result.sources = Some(o.sources);
+            let done = Published {
+                output: o.output.display().to_string(),
+                size: o.size,
+                blake3: o.hash.to_hex().to_string(),
+                sources: o.sources,
+            };
+            JobResult::published(head, timing, done)
         }
         Err(e) => {
             tracing::warn!(
-                job_id = %ctx.job_id, manifest = %manifest_name, kind = %e.kind(),
+                job_id = %ctx.job_id, manifest = %head.manifest, kind = %e.kind(),
                 error = %crate::source::Redacted(&e.to_string()), "failed"
             );
-            result.status = Status::Failed;
-            result.error = Some(ResultError {
-                kind: e.kind(),
-                // Sources are named redacted already; this keeps a URL quoted by any other
-                // error (a dependency's message, say) from carrying credentials into the result.
-                message: crate::source::redact(&format!("{manifest_name}: {e}")).into_owned(),
-                source_index: e.source_number(),
-            });
+            let error = problem(&head.manifest, &e).into();
+            JobResult::failed(head, timing, error)
         }
     }
-    result
+}
+
+/// The part of a result that names the job.
+pub fn result_head(rule: &Rule, job_id: &str, manifest_path: &Path) -> ResultHead {
+    ResultHead {
+        rule: rule.name.clone(),
+        manifest: manifest_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        job_id: job_id.to_owned(),
+        write_mode: Some(rule.write_mode.resolve().as_str().to_owned()),
+    }
+}
+
+/// A failure as a result lists it.
+pub fn problem(manifest_name: &str, e: &JobError) -> Problem {
+    Problem {
+        kind: e.kind(),
+        // Sources are named redacted already; this keeps a URL quoted by any other error (a
+        // dependency's message, say) from carrying credentials into the result.
+        message: crate::source::redact(&format!("{manifest_name}: {e}")).into_owned(),
+        source_index: e.source_number(),
+    }
+}
+
+impl From<Problem> for ResultError {
+    fn from(p: Problem) -> Self {
+        Self {
+            kind: p.kind,
+            message: p.message,
+            source_index: p.source_index,
+            problems: Vec::new(),
+        }
+    }
+}
+
+/// Everything a job decides before its first byte: the planning phase's value, which the running
+/// phase takes as it is (so `concatd plan` shows exactly what `once` and the daemon would do).
+pub struct Prepared {
+    pub manifest: Manifest,
+    /// Where the output lands. `None` only after a [`Phase::Dry`] planning whose output folder
+    /// does not exist yet (a run creates it).
+    pub target: Option<OutputTarget>,
+    /// The output's path (`target`'s, or where it would be).
+    pub output: PathBuf,
+    /// Whether an existing output may be replaced (the manifest's `overwrite`, else the rule's).
+    pub overwrite: bool,
+    pub sources: Sources,
+    pub plan: Plan,
+}
+
+/// What the planning phase is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Before a run: the first refusal ends it, and the output's folders are created.
+    Run,
+    /// `concatd plan`: every refusal is found, and nothing is created.
+    Dry,
+}
+
+/// The planning phase: parse the manifest, check the output location, plan every source. No
+/// byte is written. With [`Phase::Run`] the first refusal ends it; with [`Phase::Dry`] every
+/// refusal found is returned, in order: the output's first, then the sources' in manifest order,
+/// then the totals'. `observe` sees each source planned.
+pub fn prepare(
+    rule: &Rule,
+    job_id: &str,
+    manifest_path: &Path,
+    origin: Origin,
+    phase: Phase,
+    observe: &mut dyn FnMut(&Planned),
+) -> Result<Prepared, Vec<JobError>> {
+    let refusals = match phase {
+        Phase::Run => Refusals::First,
+        Phase::Dry => Refusals::All,
+    };
+    let manifest = Manifest::load(manifest_path, origin).map_err(|e| vec![e.into()])?;
+    for note in &manifest.notes {
+        tracing::info!(job_id = %job_id, "{note}");
+    }
+    let mut problems: Vec<JobError> = Vec::new();
+    let mut refuse = |e: JobError| match refusals {
+        Refusals::First => Err(vec![e]),
+        Refusals::All => {
+            problems.push(e);
+            Ok(())
+        }
+    };
+    let overwrite = manifest.overwrite.unwrap_or(rule.overwrite);
+    let target = match phase {
+        Phase::Run => OutputTarget::new(&rule.output_root, &manifest.output).map(Some),
+        Phase::Dry => OutputTarget::existing_folder(&rule.output_root, &manifest.output),
+    };
+    let target = match target {
+        Ok(target) => {
+            if !overwrite
+                && let Some(path) = target.as_ref().and_then(|t| t.existing(rule.checksum_file))
+            {
+                refuse(OutputError::Exists { path }.into())?;
+            }
+            target
+        }
+        Err(e) => {
+            refuse(e.into())?;
+            None
+        }
+    };
+    let output = match &target {
+        Some(t) => t.path().to_path_buf(),
+        None => rule.output_root.join(&manifest.output),
+    };
+    let sources = match Sources::new(rule) {
+        Ok(sources) => sources,
+        Err(source) => {
+            problems.push(JobError::Sources { source });
+            return Err(problems);
+        }
+    };
+    let plan = plan::build(&manifest, &sources, rule.max_output_size, refusals, observe);
+    match plan {
+        Ok(plan) if problems.is_empty() => {
+            tracing::info!(
+                job_id = %job_id, sources = plan.count(), bytes = plan.total,
+                output = %output.display(), "planned"
+            );
+            Ok(Prepared {
+                manifest,
+                target,
+                output,
+                overwrite,
+                sources,
+                plan,
+            })
+        }
+        plan => {
+            problems.extend(plan.err().into_iter().flatten());
+            Err(problems)
+        }
+    }
+}
+
+/// A long copy says how far it is this often (one line: a job's log stays short whatever its
+/// size, see the README's "Logs").
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// Run `copy`, logging its progress every [`PROGRESS_EVERY`] until it returns.
+fn progress_logged<T>(ctx: &JobContext, total: u64, copy: impl FnOnce() -> T) -> T {
+    let Some(progress) = ctx.progress else {
+        return copy();
+    };
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let span = tracing::Span::current();
+    let span = &span;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            span.in_scope(|| {
+                let clock = Instant::now();
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(PROGRESS_EVERY) {
+                    let done = progress.done.load(Ordering::Relaxed);
+                    let rate = done as f64 / clock.elapsed().as_secs_f64() / (1 << 20) as f64;
+                    tracing::info!(
+                        job_id = %ctx.job_id, bytes = done, total,
+                        percent = format!("{:.1}", done as f64 * 100.0 / total.max(1) as f64),
+                        mib_per_s = format!("{rate:.1}"), "copying"
+                    );
+                }
+            })
+        });
+        let out = copy();
+        drop(stop);
+        out
+    })
+}
+
+/// How the running phase would copy a prepared job.
+#[derive(Debug, Clone, Copy)]
+pub struct Layout {
+    /// Copy threads (for remote sources: requests in flight).
+    pub workers: usize,
+    /// Largest piece of output copied and hashed as a unit.
+    pub piece_size: u64,
+    pub pieces: u64,
+    /// The write mode the rule resolves to (`mmap` falls back to `pwrite` where the output's
+    /// filesystem cannot allocate, which only creating the file finds out).
+    pub write_mode: WriteMode,
+}
+
+impl Prepared {
+    /// How [`run`] would copy this job under `rule`.
+    pub fn layout(&self, rule: &Rule) -> Layout {
+        let (workers, piece_size) = copy_settings(rule, &self.plan);
+        Layout {
+            workers,
+            piece_size,
+            pieces: copy::piece_count(&self.plan, piece_size),
+            write_mode: rule.write_mode.resolve(),
+        }
+    }
+}
+
+/// Workers and piece size of a job's copy pass. Remote sources: as many workers as ranged
+/// requests wanted in flight, and pieces of the configured chunk size (one request each);
+/// local-only jobs keep the measured defaults.
+fn copy_settings(rule: &Rule, plan: &Plan) -> (usize, u64) {
+    if plan.remote {
+        (rule.remote.parallel, rule.remote.chunk_size)
+    } else {
+        (copy::default_workers(), copy::MAX_PIECE)
+    }
 }
 
 fn execute(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> Result<Outcome, JobError> {
@@ -259,24 +456,26 @@ fn execute(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> Result<Out
         pieces: ctx.pieces,
     };
     let rule = ctx.rule;
-    let manifest = Manifest::load(manifest_path, origin)?;
-    for note in &manifest.notes {
-        tracing::info!(job_id = %ctx.job_id, "{note}");
-    }
-    let target = OutputTarget::new(&rule.output_root, &manifest.output)?;
-    let overwrite = manifest.overwrite.unwrap_or(rule.overwrite);
-    if !overwrite && let Some(path) = target.existing(rule.checksum_file) {
-        return Err(OutputError::Exists { path }.into());
-    }
-    let sources = Sources::new(rule).map_err(|source| JobError::Sources { source })?;
-    let plan = crate::plan::build(&manifest, &sources, rule.max_output_size)?;
+    let Prepared {
+        manifest,
+        target,
+        overwrite,
+        sources,
+        plan,
+        ..
+    } = prepare(
+        rule,
+        &ctx.job_id,
+        manifest_path,
+        origin,
+        Phase::Run,
+        &mut |_| {},
+    )
+    .map_err(|mut problems| problems.swap_remove(0))?;
+    let target = target.ok_or_else(|| JobError::Internal("no output target".into()))?;
     if let Some(p) = ctx.progress {
         p.total.store(plan.total, Ordering::Relaxed);
     }
-    tracing::info!(
-        job_id = %ctx.job_id, sources = plan.count(), bytes = plan.total,
-        output = %target.path().display(), "planned"
-    );
     if ctx.cancelled() {
         return Err(JobError::Cancelled);
     }
@@ -296,13 +495,7 @@ fn execute(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> Result<Out
     };
     // Recorded before the temporary file exists, so recovery always knows where to look for it.
     record(&step(Stage::Copying, None, None))?;
-    // Remote sources: as many workers as ranged requests wanted in flight, and pieces of the
-    // configured chunk size (one request each); local-only jobs keep the measured defaults.
-    let (workers, max_piece) = if plan.remote {
-        (rule.remote.parallel, rule.remote.chunk_size)
-    } else {
-        (copy::default_workers(), copy::MAX_PIECE)
-    };
+    let (workers, max_piece) = copy_settings(rule, &plan);
     let configured_mode = rule.write_mode.resolve();
     let (temp, journal, resumed) = match ctx.pieces {
         Some(path) if plan.total > 0 => {
@@ -342,7 +535,7 @@ fn execute(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> Result<Out
         journal: std::sync::Mutex::new(journal),
         resumed,
     };
-    let hash = match copy.run() {
+    let hash = match progress_logged(ctx, plan.total, || copy.run()) {
         Ok(hash) => hash,
         // A shutdown: the job stays claimed and reruns at the next start, resuming from the
         // pieces journaled so far, so keep the bytes they describe.

@@ -7,8 +7,8 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use super::JobError;
+use super::plan::Plan;
 use crate::manifest::Manifest;
-use crate::plan::Plan;
 use crate::source::Sources;
 
 /// Check every source that declares a `blake3` against its range of the output `out`.

@@ -112,7 +112,7 @@ impl LocalResolver {
     /// Check a source and learn its size and identity, without opening its data.
     pub fn probe(&self, path: &str) -> Result<Probe, SourceError> {
         let fd = self.open_beneath(path, OFlags::PATH | OFlags::CLOEXEC)?;
-        let st = regular(path, &fd)?;
+        let st = regular(&self.shown(path), &fd)?;
         let pin = pin_of(&st);
         Ok(Probe {
             size: st.st_size as u64,
@@ -127,7 +127,7 @@ impl LocalResolver {
             path,
             OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
         )?;
-        let st = regular(path, &fd)?;
+        let st = regular(&self.shown(path), &fd)?;
         if pin_of(&st) != pin {
             return Err(SourceError::Changed {
                 what: path.to_owned(),
@@ -142,7 +142,49 @@ impl LocalResolver {
         })
     }
 
+    /// The source as messages name it: as the manifest wrote it, and for a relative path also
+    /// what it resolves to (joined to `source_root`), so a user sees which file was looked for.
+    pub fn shown(&self, path: &str) -> String {
+        match &self.source_root {
+            Some(root) if Path::new(path).is_relative() => {
+                format!("{path} (resolved to {})", root.join(path).display())
+            }
+            _ => path.to_owned(),
+        }
+    }
+
+    /// What `path` is, as [`LocalResolver::probe`] sees it now: the file the kernel opened (its
+    /// path with every symlink followed) and its identity, if it is still the file pinned.
+    pub fn describe(&self, path: &str, pin: Pin) -> Option<LocalDetail> {
+        let fd = self
+            .open_beneath(path, OFlags::PATH | OFlags::CLOEXEC)
+            .ok()?;
+        let st = regular(path, &fd).ok()?;
+        if pin_of(&st) != pin {
+            return None;
+        }
+        let resolved = std::fs::read_link(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&fd)
+        ))
+        .ok()?;
+        let mtime = std::time::UNIX_EPOCH
+            + std::time::Duration::new(st.st_mtime as u64, st.st_mtime_nsec as u32);
+        Some(LocalDetail {
+            resolved,
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: st.st_size as u64,
+            mtime,
+        })
+    }
+
     fn open_beneath(&self, path: &str, flags: OFlags) -> Result<OwnedFd, SourceError> {
+        self.open_beneath_as(path, flags)
+            .map_err(|e| e.named(|| self.shown(path)))
+    }
+
+    fn open_beneath_as(&self, path: &str, flags: OFlags) -> Result<OwnedFd, SourceError> {
         if self.roots.is_empty() {
             return Err(SourceError::NotAllowed {
                 what: path.to_owned(),
@@ -237,12 +279,55 @@ fn openat2(
     )
 }
 
+/// A local file's identity as `concatd plan` shows it.
+#[derive(Debug, Clone)]
+pub struct LocalDetail {
+    /// The file opened, every symlink followed.
+    pub resolved: PathBuf,
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime: std::time::SystemTime,
+}
+
+impl SourceError {
+    /// The same refusal naming the source as `what()` says (resolution errors only: the ones
+    /// [`LocalResolver::open_beneath`] gives).
+    fn named(self, what: impl FnOnce() -> String) -> Self {
+        match self {
+            Self::NotFound { reason, .. } => Self::NotFound {
+                what: what(),
+                reason,
+            },
+            Self::NotAllowed { reason, .. } => Self::NotAllowed {
+                what: what(),
+                reason,
+            },
+            Self::NotRegular { file_type, .. } => Self::NotRegular {
+                what: what(),
+                file_type,
+            },
+            Self::ReadFailed { source, .. } => Self::ReadFailed {
+                what: what(),
+                source,
+            },
+            other => other,
+        }
+    }
+}
+
 fn errno(path: &str, e: Errno) -> SourceError {
     let what = path.to_owned();
     match e {
         Errno::NOENT | Errno::NOTDIR => SourceError::NotFound {
             what,
-            reason: e.to_string(),
+            // "No such file or directory", without rustix's " (os error 2)".
+            reason: std::io::Error::from(e)
+                .to_string()
+                .split(" (os error")
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
         },
         Errno::XDEV | Errno::LOOP => SourceError::NotAllowed {
             what,

@@ -24,7 +24,8 @@ use crate::manifest::Location;
 
 pub use local::LocalFile;
 pub use redact::{Redacted, redact};
-use remote::{RemoteReader, SequentialReader, Target, Version};
+pub use remote::Version;
+use remote::{RemoteReader, SequentialReader, Target};
 
 /// Identity of a source as the planning pass saw it (for a local file: device, inode, size and
 /// modification time folded into one number; for a remote object: the number of the [`Version`]
@@ -44,6 +45,13 @@ pub struct Probe {
     /// remote objects a fold of URL, ETag, Last-Modified, version id and size. A rerun of a job
     /// compares these to decide whether the bytes an earlier run copied can be kept.
     pub identity: u64,
+}
+
+/// What a [`Pin`] stands for, as [`Sources::describe`] tells it.
+#[derive(Debug, Clone)]
+pub enum PinDetail {
+    Local(local::LocalDetail),
+    Remote(Arc<Version>),
 }
 
 /// Why a source cannot be used. `what` is the source as the manifest wrote it.
@@ -164,6 +172,19 @@ impl Sources {
         match location {
             Location::Path(p) => self.local.probe(p),
             Location::Url(u) => self.remote(u)?.probe(u),
+        }
+    }
+
+    /// What the pin of a planned source stands for (`concatd plan`): a local file's resolved
+    /// path and identity (`None` if it is no longer the file pinned), a remote object's
+    /// validators.
+    pub fn describe(&self, location: &Location, pin: Pin) -> Option<PinDetail> {
+        match location {
+            Location::Path(p) => self.local.describe(p, pin).map(PinDetail::Local),
+            Location::Url(_) => {
+                let remote = self.remote.get()?.as_ref().ok()?;
+                Some(PinDetail::Remote(remote.version(pin)))
+            }
         }
     }
 

@@ -5,6 +5,7 @@
 
 mod failures;
 mod inputs;
+mod plan;
 mod sources;
 
 use std::path::{Path, PathBuf};

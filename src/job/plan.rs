@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use crate::job::JobError;
+use super::JobError;
 use crate::manifest::{Location, Manifest, SourceSpec};
 use crate::source::{Pin, Probe, Sources};
 
@@ -82,26 +82,58 @@ impl Plan {
     }
 }
 
-/// Log each source for the first this many; past that, a job of a million parts would drown
-/// its log, so only a summary follows.
-const LOGGED_SOURCES: u64 = 10_000;
-
 /// Sources probed at a time, in parallel: opening and `fstat`ing thousands of small files is
 /// the whole cost of planning, and it need not wait for the previous file.
 const PROBE_BATCH: usize = 1024;
 
-/// Check and measure every source of `manifest`, refusing the job as early as possible: a source
-/// that is missing, not allowed, not regular, shorter than its range or its declared `size`, or a
-/// total past `max_output_size` (checked as each source arrives) or unequal to `expect.size`.
+/// How the planner treats a refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusals {
+    /// Stop at the first (a run: nothing more is worth probing once the job cannot succeed).
+    First,
+    /// Probe on and report every one (`concatd plan`).
+    All,
+}
+
+/// One source as the planner took it, handed to the observer of [`build`].
+pub struct Planned<'a> {
+    /// 1-based, in manifest order.
+    pub number: u64,
+    pub spec: &'a SourceSpec,
+    pub probe: &'a Probe,
+    /// Where its bytes start in the output.
+    pub output_offset: u64,
+    /// Start of the range taken of the source, and its length.
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Check and measure every source of `manifest`: a source that is missing, not allowed, not
+/// regular, shorter than its range or its declared `size`, a total past `max_output_size` or
+/// unequal to `expect.size` is a refusal. With [`Refusals::First`] the first refusal ends the
+/// pass (and `max_output_size` is checked as each source arrives); with [`Refusals::All`] every
+/// source is probed and every refusal returned, in manifest order (a source list that cannot be
+/// opened or parsed still ends the pass: the numbers of the sources after it are unknown).
+/// `observe` sees each source that was planned, in order.
 pub fn build(
     manifest: &Manifest,
     sources: &Sources,
     max_output_size: u64,
-) -> Result<Plan, JobError> {
+    refusals: Refusals,
+    observe: &mut dyn FnMut(&Planned),
+) -> Result<Plan, Vec<JobError>> {
     let mut plan = Plan::default();
     let mut list_pins = Vec::new();
+    let mut problems = Vec::new();
     let mut batch: Vec<(u64, SourceSpec)> = Vec::with_capacity(PROBE_BATCH);
-    manifest.for_each_source::<JobError, _, _>(
+    let mut pass = Pass {
+        sources,
+        max_output_size,
+        refusals,
+        problems: &mut problems,
+        observe,
+    };
+    let walked = manifest.for_each_source::<JobError, _, _>(
         |list: &Location| {
             let (reader, pin) = sources
                 .open_list(list, None)
@@ -112,31 +144,43 @@ pub fn build(
         |n, spec| {
             batch.push((n, spec.clone()));
             if batch.len() == PROBE_BATCH {
-                plan.add_batch(&mut batch, sources, max_output_size)?;
+                plan.add_batch(&mut batch, &mut pass)?;
             }
             Ok(())
         },
-    )?;
-    plan.add_batch(&mut batch, sources, max_output_size)?;
+    );
+    let walked = walked.and_then(|_| plan.add_batch(&mut batch, &mut pass));
+    if let Err(e) = walked {
+        // Stopped: the first refusal (Refusals::First) or an unreadable list.
+        problems.push(e);
+        return Err(problems);
+    }
     plan.list_pins = list_pins;
-    if plan.count() == 0 {
-        return Err(JobError::Manifest(
+    if plan.count() == 0 && problems.is_empty() {
+        problems.push(JobError::Manifest(
             crate::manifest::ManifestError::Invalid {
                 path: manifest.path.clone(),
                 message: "no sources: the source lists are empty".into(),
             },
         ));
+        return Err(problems);
     }
-    if plan.count() > LOGGED_SOURCES {
-        tracing::info!(
-            sources = plan.count(),
-            "… and more sources planned (not logged one by one)"
-        );
+    // The sum only grows with the sources not measured, so past the limit is past it; but with
+    // one unmeasured, it is no answer to `expect.size`.
+    let measured = problems.is_empty();
+    if refusals == Refusals::All && plan.total > max_output_size {
+        problems.push(JobError::TooLarge {
+            message: format!(
+                "the output would be {} bytes; max_output_size is {max_output_size}",
+                plan.total
+            ),
+        });
     }
     if let Some(want) = manifest.expect.size
         && want != plan.total
+        && measured
     {
-        return Err(JobError::SizeMismatch {
+        problems.push(JobError::SizeMismatch {
             number: None,
             message: format!(
                 "expect.size is {want} bytes, the sources add up to {}",
@@ -144,7 +188,33 @@ pub fn build(
             ),
         });
     }
-    Ok(plan)
+    if problems.is_empty() {
+        Ok(plan)
+    } else {
+        Err(problems)
+    }
+}
+
+/// What one planning pass carries from batch to batch.
+struct Pass<'a, 'o> {
+    sources: &'a Sources,
+    max_output_size: u64,
+    refusals: Refusals,
+    problems: &'a mut Vec<JobError>,
+    observe: &'a mut (dyn FnMut(&Planned) + 'o),
+}
+
+impl Pass<'_, '_> {
+    /// A refusal: the error that ends the pass, or one noted and passed over.
+    fn refuse(&mut self, e: JobError) -> Result<(), JobError> {
+        match self.refusals {
+            Refusals::First => Err(e),
+            Refusals::All => {
+                self.problems.push(e);
+                Ok(())
+            }
+        }
+    }
 }
 
 impl Plan {
@@ -153,17 +223,23 @@ impl Plan {
     fn add_batch(
         &mut self,
         batch: &mut Vec<(u64, SourceSpec)>,
-        sources: &Sources,
-        max_output_size: u64,
+        pass: &mut Pass,
     ) -> Result<(), JobError> {
+        let sources = pass.sources;
         let probes: Vec<_> = batch
             .par_iter()
             .with_min_len(64)
             .map(|(_, spec)| sources.probe(&spec.location))
             .collect();
         for ((n, spec), probe) in batch.drain(..).zip(probes) {
-            let probe = probe.map_err(|source| JobError::Source { number: n, source })?;
-            self.add(n, &spec, probe, max_output_size)?;
+            match probe {
+                Ok(probe) => {
+                    if let Err(e) = self.add(n, &spec, probe, pass) {
+                        pass.refuse(e)?;
+                    }
+                }
+                Err(source) => pass.refuse(JobError::Source { number: n, source })?,
+            }
         }
         Ok(())
     }
@@ -173,7 +249,7 @@ impl Plan {
         n: u64,
         spec: &SourceSpec,
         probe: Probe,
-        max_output_size: u64,
+        pass: &mut Pass,
     ) -> Result<(), JobError> {
         let offset = spec.offset.unwrap_or(0);
         let mismatch = |message: String| JobError::SizeMismatch {
@@ -201,18 +277,18 @@ impl Plan {
         {
             return Err(mismatch(format!("expected {want} bytes, found {len}")));
         }
+        let start = self.total;
         self.total = self.total.saturating_add(len);
-        if self.total > max_output_size {
+        if pass.refusals == Refusals::First && self.total > pass.max_output_size {
             return Err(JobError::TooLarge {
                 message: format!(
-                    "the output reaches {} bytes at source {n} ({}); max_output_size is {max_output_size}",
-                    self.total, spec.location
+                    "the output reaches {} bytes at source {n} ({}); max_output_size is {}",
+                    self.total, spec.location, pass.max_output_size
                 ),
             });
         }
-        if n <= LOGGED_SOURCES {
-            tracing::info!(source = n, location = %spec.location, bytes = len, "source planned");
-        }
+        // Per source only at debug level: a job of 50,000 parts would drown its log.
+        tracing::debug!(source = n, location = %spec.location, offset, bytes = len, "source planned");
         self.source_hashes |= spec.blake3.is_some();
         self.remote |= matches!(spec.location, Location::Url(_));
         self.ends.push(self.total);
@@ -220,6 +296,14 @@ impl Plan {
         for v in [n, probe.identity, offset, len] {
             self.identity.update(&v.to_le_bytes());
         }
+        (pass.observe)(&Planned {
+            number: n,
+            spec,
+            probe: &probe,
+            output_offset: start,
+            offset,
+            len,
+        });
         Ok(())
     }
 }
