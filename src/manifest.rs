@@ -131,8 +131,10 @@ pub enum ManifestError {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawManifest {
-    #[serde(alias = "key")]
     output: Option<String>,
+    /// COS's name for `output`: an object key, relative to the bucket (so to `output_root`)
+    /// even when written with a leading `/`.
+    key: Option<String>,
     #[serde(default, alias = "sourceList", deserialize_with = "bounded")]
     sources: Vec<SourceSpec>,
     #[serde(default, alias = "sourceConfigList", deserialize_with = "bounded")]
@@ -245,6 +247,12 @@ impl<'de> Deserialize<'de> for SourceSpec {
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<SourceSpec, A::Error> {
                 let raw = RawSource::deserialize(de::value::MapAccessDeserializer::new(map))?;
                 let location = match (raw.path, raw.url) {
+                    (Some(p), None) if is_url(&p) => {
+                        return Err(de::Error::custom(format!(
+                            "`path` {} is a URL: write remote sources as {{\"url\": \"…\"}}",
+                            read::excerpt(&p)
+                        )));
+                    }
                     (Some(p), None) if !p.is_empty() => Location::Path(p),
                     (None, Some(u)) if !u.is_empty() => Location::Url(u),
                     (Some(_), Some(_)) => {
@@ -267,6 +275,15 @@ impl<'de> Deserialize<'de> for SourceSpec {
         }
         d.deserialize_any(V)
     }
+}
+
+/// Whether `text` is a URL of a scheme concatd reads (`http`, `https`, `s3`): such a text given
+/// as a `path` is a mistake to point out, not a file name to look for.
+fn is_url(text: &str) -> bool {
+    let lower = text.trim_start().to_ascii_lowercase();
+    ["http://", "https://", "s3://"]
+        .iter()
+        .any(|scheme| lower.starts_with(scheme))
 }
 
 impl SourceSpec {
@@ -321,21 +338,38 @@ impl Manifest {
                 message: tidy_against(&e.to_string(), text),
             })?
         } else {
-            serde_json::from_str(text).map_err(|e| match e.classify() {
-                // Well-formed JSON that is not a manifest (an unknown key, a wrong type, too many
-                // sources): the manifest is invalid, not its syntax.
-                serde_json::error::Category::Data => invalid(&tidy_against(&e.to_string(), text)),
-                _ => ManifestError::Syntax {
-                    path: path.to_owned(),
-                    format: "JSON",
-                    message: tidy_against(&e.to_string(), text),
-                },
+            // Errors name the field they are about as the manifest wrote it (`sources[3].size`,
+            // or for the COS body `sourceList[2].url`), not only a line and column.
+            let mut de = serde_json::Deserializer::from_str(text);
+            serde_path_to_error::deserialize(&mut de).map_err(|e| {
+                let field = e.path().to_string();
+                let e = e.into_inner();
+                let message = match field.as_str() {
+                    "." | "" => e.to_string(),
+                    _ => format!("{field}: {e}"),
+                };
+                match e.classify() {
+                    // Well-formed JSON that is not a manifest (an unknown key, a wrong type, too
+                    // many sources): the manifest is invalid, not its syntax.
+                    serde_json::error::Category::Data => invalid(&tidy_against(&message, text)),
+                    _ => ManifestError::Syntax {
+                        path: path.to_owned(),
+                        format: "JSON",
+                        message: tidy_against(&message, text),
+                    },
+                }
             })?
         };
-        let output = raw
-            .output
-            .filter(|o| !o.is_empty())
-            .ok_or_else(|| invalid("`output` is missing"))?;
+        let output = match (raw.output, raw.key) {
+            (Some(_), Some(_)) => return Err(invalid("give `output` or COS's `key`, not both")),
+            (Some(o), None) => o,
+            // In COS a key is relative to its bucket, `/` or not: here, relative to output_root.
+            (None, Some(k)) => k.trim_start_matches('/').to_owned(),
+            (None, None) => String::new(),
+        };
+        if output.is_empty() {
+            return Err(invalid("`output` is missing"));
+        }
         if raw.sources.is_empty() && raw.source_lists.is_empty() {
             return Err(invalid("no sources: give `sources` or `source_lists`"));
         }
@@ -352,6 +386,16 @@ impl Manifest {
                     url: Some(u),
                     path: None,
                 }) => Location::Url(u),
+                ListItem::Object(ListObject {
+                    url: None,
+                    path: Some(p),
+                }) if is_url(&p) => {
+                    return Err(invalid(&format!(
+                        "source list {}: `path` {} is a URL: write it as {{\"url\": \"…\"}}",
+                        i + 1,
+                        read::excerpt(&p)
+                    )));
+                }
                 ListItem::Object(ListObject {
                     url: None,
                     path: Some(p),

@@ -5,6 +5,7 @@
 
 mod failures;
 mod inputs;
+mod newuser;
 mod plan;
 mod sources;
 
