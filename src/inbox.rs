@@ -18,6 +18,7 @@ use std::io::Write;
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use rustix::fs::FlockOperation;
 use serde::{Deserialize, Serialize};
@@ -32,6 +33,65 @@ pub const NAME_MAX: usize = 255;
 
 /// What a filed result's name adds to its manifest's.
 pub const RESULT_SUFFIX: &str = ".result.json";
+
+// ---- Which names are manifests, and which are waiting ----
+
+/// Whether a name in a watch folder may be a manifest: not hidden, not a temporary or backup
+/// name a producer writes before renaming, not one of the daemon's own folders.
+pub fn is_candidate(name: &OsStr) -> bool {
+    // On bytes, so that a name that is not valid UTF-8 gets every check too.
+    let name = name.as_encoded_bytes();
+    !(name.is_empty()
+        || name.starts_with(b".")
+        || name.ends_with(b".tmp")
+        || name.ends_with(b".part")
+        || name.ends_with(b"~")
+        || name == DONE_DIR.as_bytes()
+        || name == FAILED_DIR.as_bytes())
+}
+
+/// How old a file found by a scan must be to be taken: a scan cannot see whether a writer still
+/// has the file open, so a file modified this recently is left for its close event or the next
+/// scan. (A producer that writes in place and pauses longer than this while the daemon starts or
+/// recovers from lost events may see its file taken early: producers should rename files in.)
+pub const SCAN_SETTLE: Duration = Duration::from_secs(1);
+
+/// What a scan found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Scan {
+    /// Candidates, oldest first (mtime, then name): the arrival order as well as a listing can tell.
+    pub ready: Vec<OsString>,
+    /// Candidates modified less than [`SCAN_SETTLE`] ago: scan again later.
+    pub fresh: usize,
+}
+
+/// The candidate regular files in `dir` that have settled.
+pub fn scan(dir: &Path) -> std::io::Result<Scan> {
+    let settled = SystemTime::now() - SCAN_SETTLE;
+    let mut fresh = 0;
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if !is_candidate(&name) {
+            continue;
+        }
+        let Ok(meta) = entry.metadata() else { continue };
+        if meta.is_file() {
+            let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            if mtime > settled {
+                fresh += 1;
+            } else {
+                found.push((mtime, name));
+            }
+        }
+    }
+    found.sort();
+    Ok(Scan {
+        ready: found.into_iter().map(|(_, n)| n).collect(),
+        fresh,
+    })
+}
 
 const PRESENCE_PREFIX: &str = ".daemon-";
 const PRESENCE_SUFFIX: &str = ".lock";

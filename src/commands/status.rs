@@ -10,8 +10,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use super::load_rules;
-use crate::daemon::watch::scan;
-use crate::inbox::{self, DONE_DIR, DaemonInfo, FAILED_DIR, WORK_DIR};
+use crate::inbox::{self, DONE_DIR, DaemonInfo, FAILED_DIR, WORK_DIR, scan};
 use crate::result::JobResult;
 
 /// Results shown per rule.

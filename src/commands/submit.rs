@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use super::{EXIT_USAGE, load_rule};
-use crate::daemon::watch::{DONE_DIR, FAILED_DIR, is_candidate};
+use crate::inbox::{DONE_DIR, FAILED_DIR, is_candidate};
 use crate::inbox::{find_filed, result_name};
 use crate::result::JobResult;
 

@@ -12,7 +12,7 @@
 //! polls.
 
 use std::collections::HashMap;
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -21,10 +21,7 @@ use notify::{Config, RecursiveMode, Watcher};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
-/// Sub-folders of a watch folder that the daemon owns.
-pub const WORK_DIR: &str = ".work";
-pub const DONE_DIR: &str = "done";
-pub const FAILED_DIR: &str = "failed";
+pub use crate::inbox::{DONE_DIR, FAILED_DIR, SCAN_SETTLE, WORK_DIR, is_candidate, scan};
 
 /// What a watcher tells its rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,63 +48,6 @@ pub enum WatchError {
         #[source]
         source: notify::Error,
     },
-}
-
-/// Whether a name in a watch folder may be a manifest: not hidden, not a temporary or backup
-/// name a producer writes before renaming, not one of the daemon's own folders.
-pub fn is_candidate(name: &OsStr) -> bool {
-    // On bytes, so that a name that is not valid UTF-8 gets every check too.
-    let name = name.as_encoded_bytes();
-    !(name.is_empty()
-        || name.starts_with(b".")
-        || name.ends_with(b".tmp")
-        || name.ends_with(b".part")
-        || name.ends_with(b"~")
-        || name == DONE_DIR.as_bytes()
-        || name == FAILED_DIR.as_bytes())
-}
-
-/// How old a file found by a scan must be to be taken: a scan cannot see whether a writer still
-/// has the file open, so a file modified this recently is left for its close event or the next
-/// scan. (A producer that writes in place and pauses longer than this while the daemon starts or
-/// recovers from lost events may see its file taken early: producers should rename files in.)
-pub const SCAN_SETTLE: Duration = Duration::from_secs(1);
-
-/// What a scan found.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Scan {
-    /// Candidates, oldest first (mtime, then name): the arrival order as well as a listing can tell.
-    pub ready: Vec<OsString>,
-    /// Candidates modified less than [`SCAN_SETTLE`] ago: scan again later.
-    pub fresh: usize,
-}
-
-/// The candidate regular files in `dir` that have settled.
-pub fn scan(dir: &Path) -> std::io::Result<Scan> {
-    let settled = SystemTime::now() - SCAN_SETTLE;
-    let mut fresh = 0;
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        if !is_candidate(&name) {
-            continue;
-        }
-        let Ok(meta) = entry.metadata() else { continue };
-        if meta.is_file() {
-            let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-            if mtime > settled {
-                fresh += 1;
-            } else {
-                found.push((mtime, name));
-            }
-        }
-    }
-    found.sort();
-    Ok(Scan {
-        ready: found.into_iter().map(|(_, n)| n).collect(),
-        fresh,
-    })
 }
 
 /// Keeps a folder watched while it lives.
@@ -228,6 +168,7 @@ fn poll_once(dir: &Path) -> std::io::Result<HashMap<OsString, (u64, Option<Syste
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::OsStr;
 
     #[test]
     fn producer_names_and_own_folders_are_ignored() {
