@@ -1,9 +1,13 @@
 //! The `concatd` binary: parse the command line, dispatch, exit with the command's code.
 //! Everything else lives in the library (`src/lib.rs`).
 
+use std::process::ExitCode;
+
 use clap::Parser;
 
-fn main() {
+/// The one place where the outcome of a command becomes the process's exit code: 0 success,
+/// 1 the job (or check) failed, 2 bad usage or an invalid config (clap exits 2 by itself).
+fn main() -> ExitCode {
     let cli = concatd::cli::Cli::parse();
     let code = match concatd::commands::dispatch(cli.command) {
         Ok(code) => code,
@@ -14,7 +18,7 @@ fn main() {
             1
         }
     };
-    std::process::exit(code);
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
