@@ -19,6 +19,7 @@ pub mod logging;
 pub mod manifest;
 pub mod output;
 pub mod plan;
+pub mod redact;
 pub mod result;
 pub mod source;
 pub mod yaml;

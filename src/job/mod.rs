@@ -61,7 +61,8 @@ pub enum JobError {
     /// The daemon's job journal could not be recorded (nothing was published).
     #[error("recording the job journal: {0}")]
     Journal(#[source] std::io::Error),
-    #[error("cancelled: the daemon is shutting down")]
+    /// A signal (`concatd once`) or the daemon's shutdown stopped the job.
+    #[error("cancelled by a signal (SIGINT/SIGTERM): nothing was published")]
     Cancelled,
     #[error("internal error: {0}")]
     Internal(String),
@@ -80,7 +81,12 @@ impl JobError {
                     SourceError::ReadFailed { .. } => ErrorKind::SourceReadFailed,
                     SourceError::Changed { .. } => ErrorKind::SourceChanged,
                     SourceError::Archived { .. } => ErrorKind::SourceArchived,
-                    SourceError::Remote { .. } => ErrorKind::RemoteFailed,
+                    SourceError::SizeChanged { .. } => ErrorKind::SourceChanged,
+                    SourceError::Remote { .. }
+                    | SourceError::LengthMismatch { .. }
+                    | SourceError::S3Setup { .. } => ErrorKind::RemoteFailed,
+                    SourceError::Setup { .. } => ErrorKind::Internal,
+                    SourceError::Cancelled { .. } => ErrorKind::Cancelled,
                 }
             }
             Self::SizeMismatch { .. } => ErrorKind::SizeMismatch,
@@ -91,9 +97,26 @@ impl JobError {
             Self::Output(OutputError::NoSpace { .. }) => ErrorKind::NoSpace,
             Self::Journal(e) if crate::output::is_no_space(e) => ErrorKind::NoSpace,
             Self::Journal(_) => ErrorKind::Internal,
-            Self::Output(OutputError::Io { .. }) | Self::Cancelled | Self::Internal(_) => {
-                ErrorKind::Internal
+            Self::Cancelled => ErrorKind::Cancelled,
+            Self::Output(OutputError::Io { .. }) | Self::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
+    /// A wait on a source that the cancel flag ended is the job's cancellation, not the source's
+    /// fault: one error, whichever step noticed.
+    fn cancellation_first(self) -> Self {
+        match self {
+            Self::Source {
+                source: SourceError::Cancelled { .. },
+                ..
             }
+            | Self::List {
+                source: SourceError::Cancelled { .. },
+            }
+            | Self::Sources {
+                source: SourceError::Cancelled { .. },
+            } => Self::Cancelled,
+            e => e,
         }
     }
 
@@ -190,7 +213,7 @@ pub fn run(ctx: &JobContext, manifest_path: &Path) -> JobResult {
         .unwrap_or_default();
     let mode = ctx.rule.write_mode.resolve();
     tracing::info!(job_id = %ctx.job_id, manifest = %manifest_name, "job started");
-    let outcome = execute(ctx, manifest_path);
+    let outcome = execute(ctx, manifest_path).map_err(JobError::cancellation_first);
     let elapsed = clock.elapsed();
     let mut result = JobResult {
         status: Status::Succeeded,
@@ -259,7 +282,7 @@ fn execute(ctx: &JobContext, manifest_path: &Path) -> Result<Outcome, JobError> 
     if !overwrite && let Some(path) = target.existing(rule.checksum_file) {
         return Err(OutputError::Exists { path }.into());
     }
-    let sources = Sources::new(rule).map_err(|source| JobError::Sources { source })?;
+    let sources = Sources::with_cancel(rule, ctx.cancel).map_err(|source| JobError::Sources { source })?;
     let plan = crate::plan::build(&manifest, &sources, rule.max_output_size)?;
     if let Some(p) = ctx.progress {
         p.total.store(plan.total, Ordering::Relaxed);
@@ -333,7 +356,7 @@ fn execute(ctx: &JobContext, manifest_path: &Path) -> Result<Outcome, JobError> 
         journal: std::sync::Mutex::new(journal),
         resumed,
     };
-    let hash = match copy.run() {
+    let hash = match copy.run().map_err(JobError::cancellation_first) {
         Ok(hash) => hash,
         // A shutdown: the job stays claimed and reruns at the next start, resuming from the
         // pieces journaled so far, so keep the bytes they describe.
