@@ -355,7 +355,7 @@ impl Copy<'_> {
         }
     }
 
-    fn open(&self, seg: &Segment) -> Result<Reader<'a>, JobError> {
+    fn open(&self, seg: &Segment) -> Result<Reader<'_>, JobError> {
         self.sources
             .open(
                 &seg.location,

@@ -296,8 +296,12 @@ struct Remote {
     versions: RwLock<Vec<Arc<Version>>>,
     /// Objects whose server ignores Range, by pin: every piece is served from one stream.
     streams: Mutex<HashMap<u64, Arc<Stream>>>,
-    /// Pins whose transfer path was logged.
-    logged: Mutex<HashSet<u64>>,
+    /// Pins a server answered a range for (206): their pieces go out in parallel.
+    ranged: Mutex<HashSet<u64>>,
+    /// Until a pin is known to be ranged or not, its first request goes out alone: workers that
+    /// open other pieces of it meanwhile wait for that answer instead of each sending a GET that
+    /// a server ignoring Range would answer with the whole object.
+    first: Mutex<HashMap<u64, Arc<Mutex<()>>>>,
 }
 
 impl Remote {
@@ -306,7 +310,8 @@ impl Remote {
             clients,
             versions: RwLock::new(Vec::new()),
             streams: Mutex::new(HashMap::new()),
-            logged: Mutex::new(HashSet::new()),
+            ranged: Mutex::new(HashSet::new()),
+            first: Mutex::new(HashMap::new()),
         }
     }
 
@@ -368,6 +373,12 @@ impl Remote {
         range: std::ops::Range<u64>,
         cancel: Cancel<'_>,
     ) -> Result<RemoteRead, SourceError> {
+        let known = self.ranged.lock().expect("ranged lock").contains(&pin.0);
+        let first = (!known).then(|| {
+            let mut first = self.first.lock().expect("first lock");
+            first.entry(pin.0).or_default().clone()
+        });
+        let _alone = first.as_ref().map(|m| m.lock().expect("first request lock"));
         if let Some(stream) = self.streams.lock().expect("streams lock").get(&pin.0) {
             return Ok(RemoteRead::Stream(stream.reader(range)));
         }
@@ -390,10 +401,10 @@ impl Remote {
         let rt = self.clients.rt().clone();
         match first {
             Some(fetched) if fetched.whole_object => {
-                let stream = self
-                    .streams
-                    .lock()
-                    .expect("streams lock")
+                // Registered while the map is locked, so no other piece's reader can skip past
+                // this one's bytes before it is counted.
+                let mut streams = self.streams.lock().expect("streams lock");
+                let stream = streams
                     .entry(pin.0)
                     .or_insert_with(|| {
                         tracing::info!(
@@ -414,8 +425,8 @@ impl Remote {
                 Ok(RemoteRead::Stream(stream.reader(range)))
             }
             first => {
-                if first.is_some() && self.logged.lock().expect("logged lock").insert(pin.0) {
-                    tracing::debug!(source = %what, "ranged requests");
+                if first.is_some() && self.ranged.lock().expect("ranged lock").insert(pin.0) {
+                    tracing::debug!(source = %what, "the server answers ranges: parallel requests");
                 }
                 Ok(RemoteRead::Ranged(RemoteReader::new(
                     rt,

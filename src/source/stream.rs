@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -26,6 +26,10 @@ use crate::config::RemoteConfig;
 
 /// How long a waiting reader sleeps before it looks at the cancel flag again.
 const WAIT: Duration = Duration::from_millis(20);
+/// How long bytes that no open reader needs are kept before they are dropped: the reader of the
+/// piece before this one may be a moment late to open (it was handed out first, but workers run
+/// at their own pace). Dropping them anyway costs a restart from byte 0, never wrong bytes.
+const GRACE: Duration = Duration::from_millis(50);
 
 /// The shared sequential transfer of one pinned object.
 pub struct Stream {
@@ -103,6 +107,7 @@ impl Stream {
         cancel: Cancel<'_>,
     ) -> Result<usize, SourceError> {
         let mut st = self.lock();
+        let mut skip_after = None;
         loop {
             if cancel.is_set() {
                 return Err(Cancel::error(&self.what));
@@ -129,7 +134,8 @@ impl Stream {
                     .readers
                     .iter()
                     .any(|(&other, &(next, end))| other != id && next < offset && end > pos);
-                if needed {
+                let early = *skip_after.get_or_insert_with(|| Instant::now() + GRACE) > Instant::now();
+                if needed || early {
                     st = self.moved.wait_timeout(st, WAIT).expect("stream lock").0;
                     continue;
                 }
