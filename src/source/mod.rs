@@ -379,8 +379,10 @@ impl Remote {
             first.entry(pin.0).or_default().clone()
         });
         let _alone = first.as_ref().map(|m| m.lock().expect("first request lock"));
-        if let Some(stream) = self.streams.lock().expect("streams lock").get(&pin.0) {
-            return Ok(RemoteRead::Stream(stream.reader(range)));
+        if let Some(stream) = self.streams.lock().expect("streams lock").get(&pin.0)
+            && let Some(reader) = stream.reader(range.clone())
+        {
+            return Ok(RemoteRead::Stream(reader));
         }
         let target = self.target(text)?;
         let what = redact(text);
@@ -404,25 +406,38 @@ impl Remote {
                 // Registered while the map is locked, so no other piece's reader can skip past
                 // this one's bytes before it is counted.
                 let mut streams = self.streams.lock().expect("streams lock");
-                let stream = streams
-                    .entry(pin.0)
-                    .or_insert_with(|| {
-                        tracing::info!(
-                            source = %what, bytes = version.size,
-                            "the server ignores Range requests: reading the object as one \
-                             stream, its pieces in order"
-                        );
-                        Arc::new(Stream::new(
-                            rt,
-                            target,
-                            &what,
-                            version,
-                            settings.clone(),
-                            fetched,
-                        ))
-                    })
-                    .clone();
-                Ok(RemoteRead::Stream(stream.reader(range)))
+                if let Some(stream) = streams.get(&pin.0) {
+                    if let Some(reader) = stream.reader(range.clone()) {
+                        return Ok(RemoteRead::Stream(reader));
+                    }
+                    // Too late for the object's stream: this response serves this range alone.
+                    tracing::debug!(source = %what, at = range.start, "a piece opened after the stream passed it");
+                    return Ok(RemoteRead::Ranged(RemoteReader::new(
+                        rt,
+                        target,
+                        &what,
+                        version,
+                        settings.clone(),
+                        range,
+                        Some(fetched),
+                    )));
+                }
+                tracing::info!(
+                    source = %what, bytes = version.size,
+                    "the server ignores Range requests: reading the object as one stream, its \
+                     pieces in order"
+                );
+                let stream = Arc::new(Stream::new(
+                    rt,
+                    target,
+                    &what,
+                    version,
+                    settings.clone(),
+                    fetched,
+                ));
+                streams.insert(pin.0, stream.clone());
+                let reader = stream.reader(range).expect("a new stream is at byte 0");
+                Ok(RemoteRead::Stream(reader))
             }
             first => {
                 if first.is_some() && self.ranged.lock().expect("ranged lock").insert(pin.0) {

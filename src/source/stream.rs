@@ -29,7 +29,7 @@ const WAIT: Duration = Duration::from_millis(20);
 /// How long bytes that no open reader needs are kept before they are dropped: the reader of the
 /// piece before this one may be a moment late to open (it was handed out first, but workers run
 /// at their own pace). Dropping them anyway costs a restart from byte 0, never wrong bytes.
-const GRACE: Duration = Duration::from_millis(50);
+const GRACE: Duration = Duration::from_millis(200);
 
 /// The shared sequential transfer of one pinned object.
 pub struct Stream {
@@ -81,17 +81,22 @@ impl Stream {
         }
     }
 
-    /// A reader of `range` of the object, served from this stream.
-    pub fn reader(self: &Arc<Self>, range: std::ops::Range<u64>) -> StreamReader {
+    /// A reader of `range` of the object, served from this stream; `None` when the stream has
+    /// passed the range's start already (that reader then makes its own request, so the
+    /// readers keeping up are not sent back to byte 0).
+    pub fn reader(self: &Arc<Self>, range: std::ops::Range<u64>) -> Option<StreamReader> {
         let mut st = self.lock();
+        if st.pos > range.start {
+            return None;
+        }
         let id = st.next_id;
         st.next_id += 1;
         st.readers.insert(id, (range.start, range.end));
-        StreamReader {
+        Some(StreamReader {
             stream: self.clone(),
             id,
             end: range.end,
-        }
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
