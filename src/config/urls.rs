@@ -175,7 +175,6 @@ fn segments(url: &Url) -> Vec<String> {
     out
 }
 
-
 /// Split `s3://bucket/key` into bucket and (percent-decoded) key.
 pub fn bucket_and_key(url: &Url) -> Option<(String, String)> {
     let bucket = url.host_str()?.to_owned();
@@ -283,5 +282,4 @@ mod tests {
         assert!(p.check("s3://bucket/prefixx/e.bin").is_err());
         assert!(p.check("s3://bucket2/prefix/e.bin").is_err());
     }
-
 }

@@ -526,17 +526,13 @@ impl Copy<'_> {
 
 /// Read at most `buf.len()` bytes of `seg`, `done` bytes into it; at least one byte or an error.
 fn read_some(reader: &Reader, seg: &Segment, buf: &mut [u8], done: u64) -> Result<usize, JobError> {
-    loop {
-        match reader.read_at(buf, seg.src_offset + done, &seg.location.to_string()) {
-            Ok(0) => return Err(ended_early(seg, done)),
-            Ok(n) => return Ok(n),
-            Err(source) => {
-                return Err(JobError::Source {
-                    number: seg.number,
-                    source,
-                });
-            }
-        }
+    match reader.read_at(buf, seg.src_offset + done, &*seg.location) {
+        Ok(0) => Err(ended_early(seg, done)),
+        Ok(n) => Ok(n),
+        Err(source) => Err(JobError::Source {
+            number: seg.number,
+            source,
+        }),
     }
 }
 

@@ -282,7 +282,8 @@ fn execute(ctx: &JobContext, manifest_path: &Path) -> Result<Outcome, JobError> 
     if !overwrite && let Some(path) = target.existing(rule.checksum_file) {
         return Err(OutputError::Exists { path }.into());
     }
-    let sources = Sources::with_cancel(rule, ctx.cancel).map_err(|source| JobError::Sources { source })?;
+    let sources =
+        Sources::with_cancel(rule, ctx.cancel).map_err(|source| JobError::Sources { source })?;
     let plan = crate::plan::build(&manifest, &sources, rule.max_output_size)?;
     if let Some(p) = ctx.progress {
         p.total.store(plan.total, Ordering::Relaxed);

@@ -75,7 +75,11 @@ pub enum SourceError {
     Archived { what: String, class: String },
     /// The object's length differs from the planned one.
     #[error("{what}: changed while the job ran (it now has {now} bytes, not {planned})")]
-    SizeChanged { what: String, planned: u64, now: u64 },
+    SizeChanged {
+        what: String,
+        planned: u64,
+        now: u64,
+    },
     /// A remote source failed for good (the message names the URL and the HTTP status).
     #[error("{what}: {reason}")]
     Remote { what: String, reason: String },
@@ -106,14 +110,14 @@ pub enum Reader<'a> {
     Local(LocalFile),
     /// One transfer of an HTTP(S) or S3 object: read it in order.
     Remote {
-        reader: Box<RemoteRead>,
+        reader: RemoteRead,
         cancel: Cancel<'a>,
     },
 }
 
 /// A remote transfer: its own ranged request, or a range of the object's one [`Stream`].
 pub enum RemoteRead {
-    Ranged(RemoteReader),
+    Ranged(Box<RemoteReader>),
     Stream(StreamReader),
 }
 
@@ -136,14 +140,19 @@ impl RemoteRead {
 impl Reader<'_> {
     /// Read into `buf` from `offset` of the source; short reads are possible, 0 means end.
     /// `what` names the source in errors of local files (remote readers know their URL).
-    pub fn read_at(&self, buf: &mut [u8], offset: u64, what: &str) -> Result<usize, SourceError> {
+    pub fn read_at(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        what: &dyn std::fmt::Display,
+    ) -> Result<usize, SourceError> {
         match self {
             Self::Local(f) => loop {
                 match f.read_at(buf, offset) {
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     r => {
                         return r.map_err(|source| SourceError::ReadFailed {
-                            what: what.to_owned(),
+                            what: what.to_string(),
                             source,
                         });
                     }
@@ -230,7 +239,7 @@ impl<'a> Sources<'a> {
         match location {
             Location::Path(p) => self.local.open(p, pin).map(Reader::Local),
             Location::Url(u) => Ok(Reader::Remote {
-                reader: Box::new(self.remote(u)?.open(u, pin, range, self.cancel)?),
+                reader: self.remote(u)?.open(u, pin, range, self.cancel)?,
                 cancel: self.cancel,
             }),
         }
@@ -378,7 +387,9 @@ impl Remote {
             let mut first = self.first.lock().expect("first lock");
             first.entry(pin.0).or_default().clone()
         });
-        let _alone = first.as_ref().map(|m| m.lock().expect("first request lock"));
+        let _alone = first
+            .as_ref()
+            .map(|m| m.lock().expect("first request lock"));
         if let Some(stream) = self.streams.lock().expect("streams lock").get(&pin.0)
             && let Some(reader) = stream.reader(range.clone())
         {
@@ -412,7 +423,7 @@ impl Remote {
                     }
                     // Too late for the object's stream: this response serves this range alone.
                     tracing::debug!(source = %what, at = range.start, "a piece opened after the stream passed it");
-                    return Ok(RemoteRead::Ranged(RemoteReader::new(
+                    return Ok(RemoteRead::Ranged(Box::new(RemoteReader::new(
                         rt,
                         target,
                         &what,
@@ -420,7 +431,7 @@ impl Remote {
                         settings.clone(),
                         range,
                         Some(fetched),
-                    )));
+                    ))));
                 }
                 tracing::info!(
                     source = %what, bytes = version.size,
@@ -443,7 +454,7 @@ impl Remote {
                 if first.is_some() && self.ranged.lock().expect("ranged lock").insert(pin.0) {
                     tracing::debug!(source = %what, "the server answers ranges: parallel requests");
                 }
-                Ok(RemoteRead::Ranged(RemoteReader::new(
+                Ok(RemoteRead::Ranged(Box::new(RemoteReader::new(
                     rt,
                     target,
                     &what,
@@ -451,7 +462,7 @@ impl Remote {
                     settings.clone(),
                     range,
                     first,
-                )))
+                ))))
             }
         }
     }

@@ -336,7 +336,12 @@ impl RemoteReader {
     }
 
     /// Fill `buf` with the bytes at `offset`, which must be where the previous read ended.
-    pub fn read(&self, buf: &mut [u8], offset: u64, cancel: Cancel<'_>) -> Result<usize, SourceError> {
+    pub fn read(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        cancel: Cancel<'_>,
+    ) -> Result<usize, SourceError> {
         let mut st = self.state.lock().expect("reader lock");
         if offset != st.pos {
             return Err(self.protocol(&format!(
@@ -411,7 +416,11 @@ impl RemoteReader {
                     }
                     Ok(Some(Err(e))) => format!("transfer broke at byte {}: {e}", st.body_pos),
                     Ok(None) => format!("connection closed early, at byte {}", st.body_pos),
-                    Err(_) => format!("timed out: no data for {} at byte {}", ms(idle), st.body_pos),
+                    Err(_) => format!(
+                        "timed out: no data for {} at byte {}",
+                        ms(idle),
+                        st.body_pos
+                    ),
                 },
             };
             st.body = None;

@@ -8,9 +8,9 @@
 
 use std::ops::Range;
 
-use aws_sdk_s3::config::{Region, retry::RetryConfig, timeout::TimeoutConfig};
 use aws_credential_types::provider::ProvideCredentials;
 use aws_credential_types::provider::error::CredentialsError;
+use aws_sdk_s3::config::{Region, retry::RetryConfig, timeout::TimeoutConfig};
 use aws_sdk_s3::error::SdkError;
 use aws_sdk_s3::types::{ArchiveStatus, StorageClass};
 
@@ -178,7 +178,8 @@ impl S3Client {
 fn chain_looked_at() -> String {
     let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let profile = var("AWS_PROFILE").unwrap_or_else(|| "default".into());
-    let credentials = var("AWS_SHARED_CREDENTIALS_FILE").unwrap_or_else(|| "~/.aws/credentials".into());
+    let credentials =
+        var("AWS_SHARED_CREDENTIALS_FILE").unwrap_or_else(|| "~/.aws/credentials".into());
     let config = var("AWS_CONFIG_FILE").unwrap_or_else(|| "~/.aws/config".into());
     let imds = if var("AWS_EC2_METADATA_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
         "instance role (disabled)"

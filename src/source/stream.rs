@@ -139,7 +139,8 @@ impl Stream {
                     .readers
                     .iter()
                     .any(|(&other, &(next, end))| other != id && next < offset && end > pos);
-                let early = *skip_after.get_or_insert_with(|| Instant::now() + GRACE) > Instant::now();
+                let early =
+                    *skip_after.get_or_insert_with(|| Instant::now() + GRACE) > Instant::now();
                 if needed || early {
                     st = self.moved.wait_timeout(st, WAIT).expect("stream lock").0;
                     continue;
@@ -190,8 +191,14 @@ impl Stream {
                         })) => {
                             st.failures += 1;
                             let n = st.failures;
-                            give_up_or_wait(&self.settings, &self.what, n, reason, Some(retry_after))
-                                .await?;
+                            give_up_or_wait(
+                                &self.settings,
+                                &self.what,
+                                n,
+                                reason,
+                                Some(retry_after),
+                            )
+                            .await?;
                             continue;
                         }
                         Err(_) => format!("no answer within {}", super::remote::ms(idle)),
@@ -238,7 +245,12 @@ pub struct StreamReader {
 
 impl StreamReader {
     /// Fill `buf` with the bytes at `offset`, reading on from where the previous read ended.
-    pub fn read(&self, buf: &mut [u8], offset: u64, cancel: Cancel<'_>) -> Result<usize, SourceError> {
+    pub fn read(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        cancel: Cancel<'_>,
+    ) -> Result<usize, SourceError> {
         if offset >= self.end || buf.is_empty() {
             return Ok(0);
         }

@@ -47,7 +47,14 @@ impl Python {
     fn serve(dir: &Path, log: PathBuf) -> Self {
         let port = free_port();
         let child = Command::new("python3")
-            .args(["-u", "-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "-u",
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
             .arg("--directory")
             .arg(dir)
             .stdout(Stdio::null())
@@ -133,7 +140,10 @@ fn no_range_server_dropping_the_connection_is_retried_from_the_start() {
     assert!(job.output() == body, "output differs");
     // 300 kB in 64 KiB pieces, yet one stream: the GET that broke, and the one retried from
     // the start.
-    assert_eq!(server.store.hits.lock().unwrap()["GET /norangedrop/d.bin"], 2);
+    assert_eq!(
+        server.store.hits.lock().unwrap()["GET /norangedrop/d.bin"],
+        2
+    );
     // A part of the object, starting inside a piece: the bytes before it are skipped.
     std::fs::remove_file(job.path("out/merged.bin")).unwrap();
     std::fs::remove_file(job.path("out/merged.bin.b3")).unwrap();
@@ -180,7 +190,12 @@ fn missing_s3_credentials_fail_at_once_in_one_line() {
     let msg = r["error"]["message"].as_str().unwrap();
     println!("{} bytes in {took:?}: {msg}", msg.len());
     assert!(!msg.contains('\n') && msg.len() < 300, "{msg}");
-    for looked in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "~/.aws/credentials", "~/.aws/config"] {
+    for looked in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "~/.aws/credentials",
+        "~/.aws/config",
+    ] {
         assert!(msg.contains(looked), "{looked}: {msg}");
     }
     assert!(took < Duration::from_secs(2), "took {took:?}: retried?");
@@ -208,7 +223,13 @@ fn ctrl_c_on_once_cancels_within_a_second() {
         .unwrap();
     // Copying has begun once the server got a GET.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !server.store.hits.lock().unwrap().contains_key("GET /trickle/t.bin") {
+    while !server
+        .store
+        .hits
+        .lock()
+        .unwrap()
+        .contains_key("GET /trickle/t.bin")
+    {
         assert!(Instant::now() < deadline, "no GET arrived");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -281,7 +302,8 @@ fn two_jobs_of_a_rule_share_its_remote_client() {
     };
     wait(&|| log().contains(" ready"));
     for (n, name) in ["one.json", "two.json"].iter().enumerate() {
-        let m = serde_json::json!({"output": format!("o{n}.bin"), "sources": [server.url("ok/a.bin")]});
+        let m =
+            serde_json::json!({"output": format!("o{n}.bin"), "sources": [server.url("ok/a.bin")]});
         let temp = job.path(&format!("in/.{name}.part"));
         std::fs::write(&temp, m.to_string()).unwrap();
         std::fs::rename(&temp, job.path("in").join(name)).unwrap();
