@@ -68,11 +68,20 @@ pub enum Body {
     S3(aws_sdk_s3::primitives::ByteStream),
 }
 
+/// A response body that broke off (the cause, for messages; retried like a dropped connection).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Broken(String);
+
 impl Body {
-    pub(super) async fn next(&mut self) -> Option<Result<Bytes, String>> {
+    pub(super) async fn next(&mut self) -> Option<Result<Bytes, Broken>> {
         match self {
-            Self::Http(r) => r.chunk().await.map_err(|e| describe(&e)).transpose(),
-            Self::S3(s) => s.next().await.map(|r| r.map_err(|e| describe(&e))),
+            Self::Http(r) => r
+                .chunk()
+                .await
+                .map_err(|e| Broken(describe(&e)))
+                .transpose(),
+            Self::S3(s) => s.next().await.map(|r| r.map_err(|e| Broken(describe(&e)))),
         }
     }
 }

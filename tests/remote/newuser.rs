@@ -273,7 +273,7 @@ fn ctrl_c_on_once_cancels_within_a_second() {
 }
 
 /// Shape: one remote client per rule. Two remote jobs of one rule in the daemon: the client is
-/// created once, by the first.
+/// created once, by the first; a reload that changes the rule's remote settings makes a new one.
 #[test]
 fn two_jobs_of_a_rule_share_its_remote_client() {
     let server = Server::start();
@@ -310,11 +310,25 @@ fn two_jobs_of_a_rule_share_its_remote_client() {
         let out = job.path(&format!("out/o{n}.bin"));
         wait(&|| out.exists());
     }
+    let created = |log: &str| log.matches("remote client created").count();
+    assert_eq!(created(&log()), 1, "{}", log());
+    // A reload that changes the rule's remote settings builds a new client for later jobs.
+    let rules = std::fs::read_to_string(job.path("rules.yaml"))
+        .unwrap()
+        .replace("attempts: 3", "attempts: 4");
+    let temp = job.path(".rules.yaml.tmp");
+    std::fs::write(&temp, rules).unwrap();
+    std::fs::rename(&temp, job.path("rules.yaml")).unwrap();
+    wait(&|| log().contains("reloaded"));
+    let m = serde_json::json!({"output": "o2.bin", "sources": [server.url("ok/a.bin")]});
+    std::fs::write(job.path("in/.three.json.part"), m.to_string()).unwrap();
+    std::fs::rename(job.path("in/.three.json.part"), job.path("in/three.json")).unwrap();
+    wait(&|| job.path("out/o2.bin").exists());
     let _ = Command::new("kill")
         .args(["-TERM", &daemon.id().to_string()])
         .status();
     let _ = daemon.wait();
     let log = log();
-    assert_eq!(log.matches("published").count(), 2, "{log}");
-    assert_eq!(log.matches("remote client created").count(), 1, "{log}");
+    assert_eq!(log.matches("published").count(), 3, "{log}");
+    assert_eq!(created(&log), 2, "{log}");
 }
