@@ -135,6 +135,9 @@ impl HttpClient {
             // An empty object answers a range with 416 (nothing satisfies it).
             StatusCode::RANGE_NOT_SATISFIABLE => text(h, header::CONTENT_RANGE)
                 .and_then(|v| v.strip_prefix("bytes */")?.parse().ok()),
+            // A server that ignores Range sends the whole object: its length is the size (the
+            // body is dropped unread, which closes the connection).
+            StatusCode::OK => text(h, header::CONTENT_LENGTH).and_then(|v| v.parse().ok()),
             s if s.is_success() => None,
             s => return Err(busy_or(status_failure(what, s), h)),
         };

@@ -332,3 +332,19 @@ fn two_jobs_of_a_rule_share_its_remote_client() {
     assert_eq!(log.matches("published").count(), 3, "{log}");
     assert_eq!(created(&log), 2, "{log}");
 }
+
+/// Item 1: without HEAD and without Range, the size comes from the 200's Content-Length.
+#[test]
+fn no_range_server_without_head_is_sized_by_its_whole_answer() {
+    let server = Server::start();
+    let body = data(200_000, 25);
+    server.put("h.bin", body.clone());
+    let job = job_with(
+        &[server.url("norangenohead/")],
+        "      attempts: 3\n      backoff: 10ms\n      parallel: 4\n      chunk_size: 64KiB\n",
+        "",
+    );
+    let r = job.run(serde_json::json!([server.url("norangenohead/h.bin")]));
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert!(job.output() == body, "output differs");
+}

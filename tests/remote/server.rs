@@ -153,7 +153,7 @@ fn handle(mut stream: TcpStream, store: &Store, port: u16) -> std::io::Result<()
         return Ok(());
     };
     let len = obj.data.len();
-    if head && kind == "nohead" {
+    if head && kind.ends_with("nohead") {
         let _ = respond(&mut stream, "405 Method Not Allowed", &[], b"");
         return Ok(());
     }
