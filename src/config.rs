@@ -11,9 +11,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 mod remote;
+pub mod urls;
 mod validate;
 
 pub use remote::RemoteConfig;
+pub use urls::UrlPolicy;
 use validate::{RawRules, Validator};
 
 /// Default and ceiling of `max_output_size`: 50 TiB.
@@ -84,8 +86,9 @@ pub struct S3Config {
 pub struct Allow {
     /// Local sources must resolve (symlinks followed) inside one of these folders.
     pub paths: Vec<PathBuf>,
-    /// Remote sources must start with one of these URL prefixes.
-    pub urls: Vec<String>,
+    /// Remote sources must lie under one of these URL prefixes (parsed and checked here, so a
+    /// rule that loads has a policy that works).
+    pub urls: UrlPolicy,
 }
 
 /// One validated rule.

@@ -18,6 +18,7 @@ pub mod job;
 pub mod logging;
 pub mod manifest;
 pub mod output;
+pub mod redact;
 pub mod result;
 pub mod source;
 pub mod yaml;

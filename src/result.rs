@@ -25,6 +25,7 @@ pub enum ErrorKind {
     OutputExists,
     TooLarge,
     NoSpace,
+    Cancelled,
     Internal,
 }
 
@@ -46,6 +47,7 @@ impl ErrorKind {
             Self::OutputExists => "output_exists",
             Self::TooLarge => "too_large",
             Self::NoSpace => "no_space",
+            Self::Cancelled => "cancelled",
             Self::Internal => "internal",
         }
     }

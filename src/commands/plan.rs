@@ -62,6 +62,7 @@ pub fn run(config: &Path, rule_name: &str, manifest: &Path, as_json: bool) -> an
         manifest,
         crate::manifest::Origin::Given,
         Phase::Dry,
+        None,
         &mut observe,
     );
     let prepared = match prepared {

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 
 use super::remote::RawRemote;
+use super::urls::UrlPolicy;
 use super::{
     Allow, DEFAULT_MAX_OUTPUT_SIZE, Issue, Rotation, Rule, Rules, S3Config, WriteMode,
     parse_duration, parse_size,
@@ -404,13 +405,12 @@ impl<'a> Validator<'a> {
                         "allow.urls",
                         format!("'{u}' must start with http://, https:// or s3://"),
                     );
-                } else if let Err(e) =
-                    crate::source::policy::UrlPolicy::new(std::slice::from_ref(u))
-                {
+                } else if let Err(e) = UrlPolicy::new(std::slice::from_ref(u)) {
                     self.issue(r, "allow.urls", e.0);
                 }
             }
-            allow.urls = a.urls;
+            // Every entry parsed above; a bad one was reported and leaves the policy empty.
+            allow.urls = UrlPolicy::new(&a.urls).unwrap_or_default();
         }
         if allow.paths.is_empty()
             && let Some(root) = &source_root

@@ -61,7 +61,7 @@ pub(super) struct Copy<'a> {
     /// Largest piece; for remote sources, the bytes of one ranged request.
     pub max_piece: u64,
     pub manifest: &'a Manifest,
-    pub sources: &'a Sources,
+    pub sources: &'a Sources<'a>,
     pub out: &'a File,
     pub out_path: &'a Path,
     pub mode: WriteMode,
@@ -363,7 +363,7 @@ impl Copy<'_> {
         }
     }
 
-    fn open(&self, seg: &Segment) -> Result<Reader, JobError> {
+    fn open(&self, seg: &Segment) -> Result<Reader<'_>, JobError> {
         self.sources
             .open(
                 &seg.location,
@@ -534,18 +534,13 @@ impl Copy<'_> {
 
 /// Read at most `buf.len()` bytes of `seg`, `done` bytes into it; at least one byte or an error.
 fn read_some(reader: &Reader, seg: &Segment, buf: &mut [u8], done: u64) -> Result<usize, JobError> {
-    loop {
-        match reader.read_at(buf, seg.src_offset + done) {
-            Ok(0) => return Err(ended_early(seg, done)),
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                return Err(JobError::Source {
-                    number: seg.number,
-                    source: SourceError::from_read(seg.location.to_string(), e),
-                });
-            }
-        }
+    match reader.read_at(buf, seg.src_offset + done, &*seg.location) {
+        Ok(0) => Err(ended_early(seg, done)),
+        Ok(n) => Ok(n),
+        Err(source) => Err(JobError::Source {
+            number: seg.number,
+            source,
+        }),
     }
 }
 

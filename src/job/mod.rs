@@ -68,7 +68,8 @@ pub enum JobError {
     /// The daemon's job journal could not be recorded (nothing was published).
     #[error("recording the job journal: {0}")]
     Journal(#[source] std::io::Error),
-    #[error("cancelled: the daemon is shutting down")]
+    /// A signal (`concatd once`) or the daemon's shutdown stopped the job.
+    #[error("cancelled by a signal (SIGINT/SIGTERM): nothing was published")]
     Cancelled,
     #[error("internal error: {0}")]
     Internal(String),
@@ -87,7 +88,12 @@ impl JobError {
                     SourceError::ReadFailed { .. } => ErrorKind::SourceReadFailed,
                     SourceError::Changed { .. } => ErrorKind::SourceChanged,
                     SourceError::Archived { .. } => ErrorKind::SourceArchived,
-                    SourceError::Remote { .. } => ErrorKind::RemoteFailed,
+                    SourceError::SizeChanged { .. } => ErrorKind::SourceChanged,
+                    SourceError::Remote { .. }
+                    | SourceError::LengthMismatch { .. }
+                    | SourceError::S3Setup { .. } => ErrorKind::RemoteFailed,
+                    SourceError::Setup { .. } => ErrorKind::Internal,
+                    SourceError::Cancelled { .. } => ErrorKind::Cancelled,
                 }
             }
             Self::SizeMismatch { .. } => ErrorKind::SizeMismatch,
@@ -98,9 +104,26 @@ impl JobError {
             Self::Output(OutputError::NoSpace { .. }) => ErrorKind::NoSpace,
             Self::Journal(e) if crate::output::is_no_space(e) => ErrorKind::NoSpace,
             Self::Journal(_) => ErrorKind::Internal,
-            Self::Output(OutputError::Io { .. }) | Self::Cancelled | Self::Internal(_) => {
-                ErrorKind::Internal
+            Self::Cancelled => ErrorKind::Cancelled,
+            Self::Output(OutputError::Io { .. }) | Self::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
+    /// A wait on a source that the cancel flag ended is the job's cancellation, not the source's
+    /// fault: one error, whichever step noticed.
+    fn cancellation_first(self) -> Self {
+        match self {
+            Self::Source {
+                source: SourceError::Cancelled { .. },
+                ..
             }
+            | Self::List {
+                source: SourceError::Cancelled { .. },
+            }
+            | Self::Sources {
+                source: SourceError::Cancelled { .. },
+            } => Self::Cancelled,
+            e => e,
         }
     }
 
@@ -200,7 +223,7 @@ pub fn run_from(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> JobRe
     let clock = Instant::now();
     let head = result_head(ctx.rule, &ctx.job_id, manifest_path);
     tracing::info!(job_id = %ctx.job_id, manifest = %head.manifest, "job started");
-    let outcome = execute(ctx, manifest_path, origin);
+    let outcome = execute(ctx, manifest_path, origin).map_err(JobError::cancellation_first);
     let timing = Timing {
         started,
         finished: SystemTime::now(),
@@ -271,7 +294,7 @@ impl From<Problem> for ResultError {
 
 /// Everything a job decides before its first byte: the planning phase's value, which the running
 /// phase takes as it is (so `concatd plan` shows exactly what `once` and the daemon would do).
-pub struct Prepared {
+pub struct Prepared<'a> {
     pub manifest: Manifest,
     /// Where the output lands. `None` only after a [`Phase::Dry`] planning whose output folder
     /// does not exist yet (a run creates it).
@@ -280,7 +303,7 @@ pub struct Prepared {
     pub output: PathBuf,
     /// Whether an existing output may be replaced (the manifest's `overwrite`, else the rule's).
     pub overwrite: bool,
-    pub sources: Sources,
+    pub sources: Sources<'a>,
     pub plan: Plan,
 }
 
@@ -297,14 +320,15 @@ pub enum Phase {
 /// byte is written. With [`Phase::Run`] the first refusal ends it; with [`Phase::Dry`] every
 /// refusal found is returned, in order: the output's first, then the sources' in manifest order,
 /// then the totals'. `observe` sees each source planned.
-pub fn prepare(
+pub fn prepare<'a>(
     rule: &Rule,
     job_id: &str,
     manifest_path: &Path,
     origin: Origin,
     phase: Phase,
+    cancel: Option<&'a AtomicBool>,
     observe: &mut dyn FnMut(&Planned),
-) -> Result<Prepared, Vec<JobError>> {
+) -> Result<Prepared<'a>, Vec<JobError>> {
     let refusals = match phase {
         Phase::Run => Refusals::First,
         Phase::Dry => Refusals::All,
@@ -344,7 +368,7 @@ pub fn prepare(
         Some(t) => t.path().to_path_buf(),
         None => rule.output_root.join(&manifest.output),
     };
-    let sources = match Sources::new(rule) {
+    let sources = match Sources::with_cancel(rule, cancel) {
         Ok(sources) => sources,
         Err(source) => {
             problems.push(JobError::Sources { source });
@@ -420,7 +444,7 @@ pub struct Layout {
     pub write_mode: WriteMode,
 }
 
-impl Prepared {
+impl Prepared<'_> {
     /// How [`run`] would copy this job under `rule`.
     pub fn layout(&self, rule: &Rule) -> Layout {
         let (workers, piece_size) = copy_settings(rule, &self.plan);
@@ -469,6 +493,7 @@ fn execute(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> Result<Out
         manifest_path,
         origin,
         Phase::Run,
+        ctx.cancel,
         &mut |_| {},
     )
     .map_err(|mut problems| problems.swap_remove(0))?;
@@ -535,7 +560,9 @@ fn execute(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> Result<Out
         journal: std::sync::Mutex::new(journal),
         resumed,
     };
-    let hash = match progress_logged(ctx, plan.total, || copy.run()) {
+    let hash = match progress_logged(ctx, plan.total, || copy.run())
+        .map_err(JobError::cancellation_first)
+    {
         Ok(hash) => hash,
         // A shutdown: the job stays claimed and reruns at the next start, resuming from the
         // pieces journaled so far, so keep the bytes they describe.

@@ -197,7 +197,7 @@ pub fn build(
 
 /// What one planning pass carries from batch to batch.
 struct Pass<'a, 'o> {
-    sources: &'a Sources,
+    sources: &'a Sources<'a>,
     max_output_size: u64,
     refusals: Refusals,
     problems: &'a mut Vec<JobError>,

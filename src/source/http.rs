@@ -12,7 +12,7 @@ use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
 
 use super::policy::{GuardedResolver, Refused, UrlPolicy};
-use super::remote::{Body, Failure, Version, describe};
+use super::remote::{Body, Failure, Fetched, Version, describe};
 use super::{Redacted, SourceError};
 use crate::config::RemoteConfig;
 
@@ -135,6 +135,9 @@ impl HttpClient {
             // An empty object answers a range with 416 (nothing satisfies it).
             StatusCode::RANGE_NOT_SATISFIABLE => text(h, header::CONTENT_RANGE)
                 .and_then(|v| v.strip_prefix("bytes */")?.parse().ok()),
+            // A server that ignores Range sends the whole object: its length is the size (the
+            // body is dropped unread, which closes the connection).
+            StatusCode::OK => text(h, header::CONTENT_LENGTH).and_then(|v| v.parse().ok()),
             s if s.is_success() => None,
             s => return Err(busy_or(status_failure(what, s), h)),
         };
@@ -154,14 +157,16 @@ impl HttpClient {
         })
     }
 
-    /// A ranged GET pinned to `version`; checks status, Content-Range and length.
+    /// A ranged GET pinned to `version`; checks status, Content-Range and length. A server that
+    /// ignores Range answers 200 with the whole object: that is accepted (`whole_object`), with
+    /// the same validators and the object's full length.
     pub async fn get(
         &self,
         url: &Url,
         what: &str,
         version: &Version,
         range: Range<u64>,
-    ) -> Result<Body, Failure> {
+    ) -> Result<Fetched, Failure> {
         let mut headers = HeaderMap::new();
         let whole = range.start == 0 && range.end == version.size;
         insert(
@@ -200,15 +205,12 @@ impl HttpClient {
                     .ok_or_else(|| {
                         permanent_remote(what, "206 without a valid Content-Range".into())
                     })?;
-                if total.is_some_and(|t| t != version.size) {
-                    return Err(changed(
-                        what,
-                        format!(
-                            "it now has {} bytes, not {}",
-                            total.unwrap_or(0),
-                            version.size
-                        ),
-                    ));
+                if let Some(now) = total.filter(|&t| t != version.size) {
+                    return Err(Failure::Permanent(SourceError::SizeChanged {
+                        what: what.to_owned(),
+                        planned: version.size,
+                        now,
+                    }));
                 }
                 if (start, end) != (range.start, range.end) {
                     return Err(permanent_remote(
@@ -223,12 +225,18 @@ impl HttpClient {
                     ));
                 }
             }
-            StatusCode::OK if whole => {}
             StatusCode::OK => {
-                return Err(permanent_remote(
-                    what,
-                    "the server ignores Range requests (answered 200 to a range)".into(),
-                ));
+                if let Some(now) = length.filter(|&n| n != version.size) {
+                    return Err(Failure::Permanent(SourceError::SizeChanged {
+                        what: what.to_owned(),
+                        planned: version.size,
+                        now,
+                    }));
+                }
+                return Ok(Fetched {
+                    body: Body::Http(response),
+                    whole_object: !whole,
+                });
             }
             StatusCode::RANGE_NOT_SATISFIABLE => {
                 return Err(changed(what, "the planned range is no longer there".into()));
@@ -238,15 +246,16 @@ impl HttpClient {
         if let Some(len) = length
             && len != range.end - range.start
         {
-            return Err(permanent_remote(
-                what,
-                format!(
-                    "Content-Length {len} for a range of {} bytes",
-                    range.end - range.start
-                ),
-            ));
+            return Err(Failure::Permanent(SourceError::LengthMismatch {
+                what: what.to_owned(),
+                wanted: range.end - range.start,
+                got: len,
+            }));
         }
-        Ok(Body::Http(response))
+        Ok(Fetched {
+            body: Body::Http(response),
+            whole_object: false,
+        })
     }
 }
 

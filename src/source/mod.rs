@@ -8,24 +8,29 @@
 //! [`s3`], behind the allow policy of [`policy`]; their machinery (a tokio runtime, clients) is
 //! set up on the first URL a job meets, so local-only jobs pay nothing for it.
 
+pub mod clients;
 pub mod http;
 pub mod local;
 pub mod policy;
-pub mod redact;
 pub mod remote;
 pub mod s3;
+pub mod stream;
 
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::os::fd::BorrowedFd;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
-use crate::config::{RemoteConfig, Rule, S3Config};
+use crate::config::Rule;
 use crate::manifest::Location;
 
+pub use crate::redact::{Redacted, redact};
+use clients::{Clients, SetupError};
 pub use local::LocalFile;
-pub use redact::{Redacted, redact};
 pub use remote::Version;
-use remote::{RemoteReader, SequentialReader, Target};
+use remote::{Cancel, RemoteReader, Target};
+use stream::{Stream, StreamReader};
 
 /// Identity of a source as the planning pass saw it (for a local file: device, inode, size and
 /// modification time folded into one number; for a remote object: the number of the [`Version`]
@@ -76,44 +81,92 @@ pub enum SourceError {
     Changed { what: String, reason: String },
     #[error("{what}: archived in storage class {class}; restore it first")]
     Archived { what: String, class: String },
+    /// The object's length differs from the planned one.
+    #[error("{what}: changed while the job ran (it now has {now} bytes, not {planned})")]
+    SizeChanged {
+        what: String,
+        planned: u64,
+        now: u64,
+    },
     /// A remote source failed for good (the message names the URL and the HTTP status).
     #[error("{what}: {reason}")]
     Remote { what: String, reason: String },
-}
-
-impl SourceError {
-    /// The error a reader reported, unwrapped when it is a `SourceError` carried in an
-    /// `io::Error` (remote readers report `source_changed`/`remote_failed` that way).
-    pub fn from_read(what: String, e: std::io::Error) -> Self {
-        if e.get_ref().is_some_and(|inner| inner.is::<SourceError>()) {
-            match e.into_inner().map(|inner| inner.downcast::<SourceError>()) {
-                Some(Ok(inner)) => return *inner,
-                Some(Err(other)) => {
-                    return Self::ReadFailed {
-                        what,
-                        source: std::io::Error::other(other),
-                    };
-                }
-                None => unreachable!("checked above"),
-            }
-        }
-        Self::ReadFailed { what, source: e }
-    }
+    /// A response announced another length than the bytes asked for.
+    #[error("{what}: Content-Length {got} for a range of {wanted} bytes")]
+    LengthMismatch { what: String, wanted: u64, got: u64 },
+    /// No S3 client for this rule: missing credentials or region (not retried).
+    #[error("{what}: {source}")]
+    S3Setup {
+        what: String,
+        #[source]
+        source: s3::S3Setup,
+    },
+    /// The rule's network machinery could not be built (concatd's own trouble).
+    #[error("{what}: {source}")]
+    Setup {
+        what: String,
+        #[source]
+        source: SetupError,
+    },
+    /// The job's cancel flag ended a wait on the network.
+    #[error("{what}: cancelled")]
+    Cancelled { what: String },
 }
 
 /// An opened source, ready to be read at any offset from any thread.
-pub enum Reader {
+pub enum Reader<'a> {
     Local(LocalFile),
-    /// One ranged transfer of an HTTP(S) or S3 object: read it in order.
-    Remote(Box<RemoteReader>),
+    /// One transfer of an HTTP(S) or S3 object: read it in order.
+    Remote {
+        reader: RemoteRead,
+        cancel: Cancel<'a>,
+    },
 }
 
-impl Reader {
-    /// Read into `buf` from `offset` of the source; short reads are possible, 0 means end.
-    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+/// A remote transfer: its own ranged request, or a range of the object's one [`Stream`].
+pub enum RemoteRead {
+    Ranged(Box<RemoteReader>),
+    Stream(StreamReader),
+}
+
+impl RemoteRead {
+    fn read(&self, buf: &mut [u8], offset: u64, cancel: Cancel<'_>) -> Result<usize, SourceError> {
         match self {
-            Self::Local(f) => f.read_at(buf, offset),
-            Self::Remote(r) => r.read_at(buf, offset),
+            Self::Ranged(r) => r.read(buf, offset, cancel),
+            Self::Stream(r) => r.read(buf, offset, cancel),
+        }
+    }
+
+    fn end(&self) -> u64 {
+        match self {
+            Self::Ranged(r) => r.end(),
+            Self::Stream(r) => r.end(),
+        }
+    }
+}
+
+impl Reader<'_> {
+    /// Read into `buf` from `offset` of the source; short reads are possible, 0 means end.
+    /// `what` names the source in errors of local files (remote readers know their URL).
+    pub fn read_at(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        what: &dyn std::fmt::Display,
+    ) -> Result<usize, SourceError> {
+        match self {
+            Self::Local(f) => loop {
+                match f.read_at(buf, offset) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    r => {
+                        return r.map_err(|source| SourceError::ReadFailed {
+                            what: what.to_string(),
+                            source,
+                        });
+                    }
+                }
+            },
+            Self::Remote { reader, cancel } => reader.read(buf, offset, *cancel),
         }
     }
 
@@ -122,7 +175,7 @@ impl Reader {
     pub fn recheck(&self) -> Result<(), SourceError> {
         match self {
             Self::Local(f) => f.recheck(),
-            Self::Remote(_) => Ok(()),
+            Self::Remote { .. } => Ok(()),
         }
     }
 
@@ -130,48 +183,55 @@ impl Reader {
     pub fn fd(&self) -> Option<BorrowedFd<'_>> {
         match self {
             Self::Local(f) => Some(f.fd()),
-            Self::Remote(_) => None,
+            Self::Remote { .. } => None,
         }
     }
 }
 
-/// Every place a rule may take sources from, with its allow policy.
-pub struct Sources {
+/// Every place a rule may take sources from, with its allow policy, for one job.
+pub struct Sources<'a> {
     local: local::LocalResolver,
-    allow_urls: Vec<String>,
-    s3_config: Option<S3Config>,
-    settings: RemoteConfig,
-    remote: OnceLock<Result<Remote, String>>,
+    rule: Rule,
+    cancel: Cancel<'a>,
+    remote: OnceLock<Remote>,
 }
 
-impl Sources {
-    /// Set up the resolvers for one job of `rule`.
+impl Sources<'static> {
+    /// Set up the resolvers for one job of `rule` that nothing cancels (`concatd plan`).
     pub fn new(rule: &Rule) -> Result<Self, SourceError> {
+        Sources::with_cancel(rule, None)
+    }
+}
+
+impl<'a> Sources<'a> {
+    /// Set up the resolvers for one job of `rule`; once `cancel` is set, every wait on the network
+    /// ends (within tens of milliseconds) with [`SourceError::Cancelled`].
+    pub fn with_cancel(rule: &Rule, cancel: Option<&'a AtomicBool>) -> Result<Self, SourceError> {
         Ok(Self {
             local: local::LocalResolver::new(rule.source_root.as_deref(), &rule.allow.paths)?,
-            allow_urls: rule.allow.urls.clone(),
-            s3_config: rule.s3.clone(),
-            settings: rule.remote.clone(),
+            rule: rule.clone(),
+            cancel: Cancel(cancel),
             remote: OnceLock::new(),
         })
     }
 
-    /// The remote machinery, set up on first use.
+    /// The job's remote state over the rule's shared clients, set up on first use.
     fn remote(&self, what: &str) -> Result<&Remote, SourceError> {
-        self.remote
-            .get_or_init(|| Remote::new(&self.allow_urls, self.s3_config.clone(), &self.settings))
-            .as_ref()
-            .map_err(|reason| SourceError::NotAllowed {
-                what: redact(what).into_owned(),
-                reason: reason.clone(),
-            })
+        if let Some(r) = self.remote.get() {
+            return Ok(r);
+        }
+        let clients = Clients::for_rule(&self.rule).map_err(|source| SourceError::Setup {
+            what: redact(what).into_owned(),
+            source,
+        })?;
+        Ok(self.remote.get_or_init(|| Remote::new(clients)))
     }
 
     /// Check that a source is allowed, exists and is a regular object; learn its size and pin.
     pub fn probe(&self, location: &Location) -> Result<Probe, SourceError> {
         match location {
             Location::Path(p) => self.local.probe(p),
-            Location::Url(u) => self.remote(u)?.probe(u),
+            Location::Url(u) => self.remote(u)?.probe(u, self.cancel),
         }
     }
 
@@ -182,7 +242,7 @@ impl Sources {
         match location {
             Location::Path(p) => self.local.describe(p, pin).map(PinDetail::Local),
             Location::Url(_) => {
-                let remote = self.remote.get()?.as_ref().ok()?;
+                let remote = self.remote.get()?;
                 Some(PinDetail::Remote(remote.version(pin)))
             }
         }
@@ -196,13 +256,13 @@ impl Sources {
         location: &Location,
         pin: Pin,
         range: std::ops::Range<u64>,
-    ) -> Result<Reader, SourceError> {
+    ) -> Result<Reader<'a>, SourceError> {
         match location {
             Location::Path(p) => self.local.open(p, pin).map(Reader::Local),
-            Location::Url(u) => self
-                .remote(u)?
-                .open(u, pin, range)
-                .map(|r| Reader::Remote(Box::new(r))),
+            Location::Url(u) => Ok(Reader::Remote {
+                reader: self.remote(u)?.open(u, pin, range, self.cancel)?,
+                cancel: self.cancel,
+            }),
         }
     }
 
@@ -226,60 +286,63 @@ impl Sources {
                 let remote = self.remote(u)?;
                 let pin = match expected {
                     Some(pin) => pin,
-                    None => remote.probe(u)?.pin,
+                    None => remote.probe(u, self.cancel)?.pin,
                 };
                 let size = remote.version(pin).size;
-                let reader = remote.open(u, pin, 0..size)?;
-                Ok((Box::new(SequentialReader { reader, pos: 0 }), pin))
+                // A list is read by the manifest's parser as a plain `Read`, which outlives
+                // this borrow of the cancel flag: its reads are bounded by the timeouts instead.
+                let reader = remote.open(u, pin, 0..size, Cancel::default())?;
+                Ok((Box::new(ListReader { reader, pos: 0 }), pin))
             }
         }
     }
 }
 
-/// Clients, runtime and pinned versions for a job's remote sources.
+/// A whole remote object as a `Read` (source lists).
+struct ListReader {
+    reader: RemoteRead,
+    pos: u64,
+}
+
+impl Read for ListReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos >= self.reader.end() || buf.is_empty() {
+            return Ok(0);
+        }
+        // The parser reports read errors by their message: it names the URL and the cause.
+        let n = self
+            .reader
+            .read(buf, self.pos, Cancel::default())
+            .map_err(std::io::Error::other)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// A job's remote sources: the rule's shared clients, and the versions this job pinned.
 struct Remote {
-    /// Owned so it can be shut down without blocking when the job ends (see `Drop`).
-    rt: Option<tokio::runtime::Runtime>,
-    policy: Arc<policy::UrlPolicy>,
-    http: Arc<http::HttpClient>,
-    s3_config: Option<S3Config>,
-    s3: OnceLock<Arc<s3::S3Client>>,
-    settings: RemoteConfig,
+    clients: Arc<Clients>,
     /// `Pin(n)` of a remote source is `versions[n]`.
     versions: RwLock<Vec<Arc<Version>>>,
+    /// Objects whose server ignores Range, by pin: every piece is served from one stream.
+    streams: Mutex<HashMap<u64, Arc<Stream>>>,
+    /// Pins a server answered a range for (206): their pieces go out in parallel.
+    ranged: Mutex<HashSet<u64>>,
+    /// Until a pin is known to be ranged or not, its first request goes out alone: workers that
+    /// open other pieces of it meanwhile wait for that answer instead of each sending a GET that
+    /// a server ignoring Range would answer with the whole object.
+    first: Mutex<HashMap<u64, Arc<Mutex<()>>>>,
 }
 
 impl Remote {
-    fn new(
-        allow_urls: &[String],
-        s3_config: Option<S3Config>,
-        settings: &RemoteConfig,
-    ) -> Result<Self, String> {
-        let policy = Arc::new(policy::UrlPolicy::new(allow_urls).map_err(|e| e.0)?);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("concatd-remote")
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot start the network runtime: {e}"))?;
-        // reqwest's client must be built inside the runtime that drives it.
-        let http = {
-            let _guard = rt.enter();
-            http::HttpClient::new(policy.clone(), settings).map_err(|e| e.to_string())?
-        };
-        Ok(Self {
-            rt: Some(rt),
-            policy,
-            http: Arc::new(http),
-            s3_config,
-            s3: OnceLock::new(),
-            settings: settings.clone(),
+    fn new(clients: Arc<Clients>) -> Self {
+        Self {
+            clients,
             versions: RwLock::new(Vec::new()),
-        })
-    }
-
-    fn rt(&self) -> &tokio::runtime::Runtime {
-        self.rt.as_ref().expect("runtime lives as long as Remote")
+            streams: Mutex::new(HashMap::new()),
+            ranged: Mutex::new(HashSet::new()),
+            first: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Check the URL against the policy and find out who serves it.
@@ -288,24 +351,17 @@ impl Remote {
             what: redact(text).into_owned(),
             reason,
         };
-        let url = self.policy.check(text).map_err(|e| refused(e.0))?;
+        let url = self.clients.policy.check(text).map_err(|e| refused(e.0))?;
         match url.scheme() {
             "http" | "https" => Ok(Target::Http {
-                client: self.http.clone(),
+                client: self.clients.http.clone(),
                 url,
             }),
             "s3" => {
-                let (bucket, key) = s3::bucket_and_key(&url)
+                let (bucket, key) = crate::config::urls::bucket_and_key(&url)
                     .ok_or_else(|| refused("an s3 URL needs a bucket and a key".into()))?;
-                let client = self
-                    .s3
-                    .get_or_init(|| {
-                        let client = s3::S3Client::new(self.s3_config.as_ref(), &self.settings);
-                        Arc::new(self.rt().block_on(client))
-                    })
-                    .clone();
                 Ok(Target::S3 {
-                    client,
+                    client: self.clients.s3(&redact(text))?,
                     bucket,
                     key,
                 })
@@ -318,15 +374,17 @@ impl Remote {
         self.versions.read().expect("versions lock")[pin.0 as usize].clone()
     }
 
-    fn probe(&self, text: &str) -> Result<Probe, SourceError> {
+    fn probe(&self, text: &str, cancel: Cancel<'_>) -> Result<Probe, SourceError> {
         let target = self.target(text)?;
         // Messages and logs name the source without its credentials.
         let what = redact(text);
-        let version = self
-            .rt()
-            .block_on(remote::with_retries(&self.settings, &what, || {
-                target.head(&what)
-            }))?;
+        let settings = &self.clients.settings;
+        let version = remote::block_on(
+            self.clients.rt(),
+            cancel,
+            &what,
+            remote::with_retries(settings, &what, || target.head(&what)),
+        )?;
         let size = version.size;
         let identity = version.identity(text);
         let mut versions = self.versions.write().expect("versions lock");
@@ -343,24 +401,90 @@ impl Remote {
         text: &str,
         pin: Pin,
         range: std::ops::Range<u64>,
-    ) -> Result<RemoteReader, SourceError> {
+        cancel: Cancel<'_>,
+    ) -> Result<RemoteRead, SourceError> {
+        let known = self.ranged.lock().expect("ranged lock").contains(&pin.0);
+        let first = (!known).then(|| {
+            let mut first = self.first.lock().expect("first lock");
+            first.entry(pin.0).or_default().clone()
+        });
+        let _alone = first
+            .as_ref()
+            .map(|m| m.lock().expect("first request lock"));
+        if let Some(stream) = self.streams.lock().expect("streams lock").get(&pin.0)
+            && let Some(reader) = stream.reader(range.clone())
+        {
+            return Ok(RemoteRead::Stream(reader));
+        }
         let target = self.target(text)?;
-        RemoteReader::open(
-            self.rt().handle().clone(),
-            target,
-            &redact(text),
-            self.version(pin),
-            self.settings.clone(),
-            range,
-        )
-    }
-}
-
-impl Drop for Remote {
-    fn drop(&mut self) {
-        // A plain drop would wait for the runtime's tasks, and panics inside async contexts.
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
+        let what = redact(text);
+        let version = self.version(pin);
+        let settings = &self.clients.settings;
+        let first = if range.is_empty() {
+            None
+        } else {
+            Some(remote::block_on(
+                self.clients.rt(),
+                cancel,
+                &what,
+                remote::with_retries(settings, &what, || {
+                    target.get(&what, &version, range.clone())
+                }),
+            )?)
+        };
+        let rt = self.clients.rt().clone();
+        match first {
+            Some(fetched) if fetched.whole_object => {
+                // Registered while the map is locked, so no other piece's reader can skip past
+                // this one's bytes before it is counted.
+                let mut streams = self.streams.lock().expect("streams lock");
+                if let Some(stream) = streams.get(&pin.0) {
+                    if let Some(reader) = stream.reader(range.clone()) {
+                        return Ok(RemoteRead::Stream(reader));
+                    }
+                    // Too late for the object's stream: this response serves this range alone.
+                    tracing::debug!(source = %what, at = range.start, "a piece opened after the stream passed it");
+                    return Ok(RemoteRead::Ranged(Box::new(RemoteReader::new(
+                        rt,
+                        target,
+                        &what,
+                        version,
+                        settings.clone(),
+                        range,
+                        Some(fetched),
+                    ))));
+                }
+                tracing::info!(
+                    source = %what, bytes = version.size,
+                    "the server ignores Range requests: reading the object as one stream, its \
+                     pieces in order"
+                );
+                let stream = Arc::new(Stream::new(
+                    rt,
+                    target,
+                    &what,
+                    version,
+                    settings.clone(),
+                    fetched,
+                ));
+                streams.insert(pin.0, stream.clone());
+                let reader = stream.reader(range).expect("a new stream is at byte 0");
+                Ok(RemoteRead::Stream(reader))
+            }
+            first => {
+                if first.is_some() && self.ranged.lock().expect("ranged lock").insert(pin.0) {
+                    tracing::debug!(source = %what, "the server answers ranges: parallel requests");
+                }
+                Ok(RemoteRead::Ranged(Box::new(RemoteReader::new(
+                    rt,
+                    target,
+                    &what,
+                    version,
+                    settings.clone(),
+                    range,
+                    first,
+                ))))
+            }
         }
     }
 }

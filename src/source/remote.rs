@@ -1,5 +1,6 @@
-//! What HTTP(S) and S3 sources share: the pinned version, retries with backoff, and a reader that
-//! resumes a broken transfer from the last byte received.
+//! What HTTP(S) and S3 sources share: the pinned version, retries with backoff, cancellation, and
+//! a reader that resumes a broken transfer from the last byte received (or, where the server
+//! ignores Range, from the start, skipping what it has: see also [`super::stream`]).
 //!
 //! Worker threads of the copy pass are plain blocking threads; each [`RemoteReader::read_at`] is
 //! one `block_on` on the job's tokio runtime that fills the caller's whole buffer (up to 256 KiB)
@@ -8,6 +9,7 @@
 //! staging file, no whole-object buffer.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -66,11 +68,20 @@ pub enum Body {
     S3(aws_sdk_s3::primitives::ByteStream),
 }
 
+/// A response body that broke off (the cause, for messages; retried like a dropped connection).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Broken(String);
+
 impl Body {
-    async fn next(&mut self) -> Option<Result<Bytes, String>> {
+    pub(super) async fn next(&mut self) -> Option<Result<Bytes, Broken>> {
         match self {
-            Self::Http(r) => r.chunk().await.map_err(|e| describe(&e)).transpose(),
-            Self::S3(s) => s.next().await.map(|r| r.map_err(|e| describe(&e))),
+            Self::Http(r) => r
+                .chunk()
+                .await
+                .map_err(|e| Broken(describe(&e)))
+                .transpose(),
+            Self::S3(s) => s.next().await.map(|r| r.map_err(|e| Broken(describe(&e)))),
         }
     }
 }
@@ -89,6 +100,65 @@ pub fn describe(e: &dyn std::error::Error) -> String {
     }
     // Client errors quote the URL they were sending to.
     super::redact(&text).into_owned()
+}
+
+/// The job's cancel flag as remote waits see it: every wait on the network (a request, a body,
+/// a backoff pause) ends within [`Cancel::POLL`] once it is set.
+#[derive(Clone, Copy, Default)]
+pub struct Cancel<'a>(pub Option<&'a AtomicBool>);
+
+impl Cancel<'_> {
+    /// How often a wait looks at the flag.
+    pub const POLL: Duration = Duration::from_millis(20);
+
+    pub fn is_set(self) -> bool {
+        self.0.is_some_and(|c| c.load(Ordering::Relaxed))
+    }
+
+    /// Resolves once the flag is set (never, without one).
+    async fn set(self) {
+        match self.0 {
+            None => std::future::pending().await,
+            Some(_) => {
+                while !self.is_set() {
+                    tokio::time::sleep(Self::POLL).await;
+                }
+            }
+        }
+    }
+
+    /// The error of a wait the flag ended.
+    pub fn error(what: &str) -> SourceError {
+        SourceError::Cancelled {
+            what: what.to_owned(),
+        }
+    }
+}
+
+/// Run `fut` on `rt` from a blocking thread, giving up with `Cancelled` as soon as `cancel` is set
+/// (the future is dropped, which closes its connection).
+pub fn block_on<T>(
+    rt: &tokio::runtime::Handle,
+    cancel: Cancel<'_>,
+    what: &str,
+    fut: impl Future<Output = Result<T, SourceError>>,
+) -> Result<T, SourceError> {
+    if cancel.is_set() {
+        return Err(Cancel::error(what));
+    }
+    rt.block_on(async {
+        tokio::select! {
+            r = fut => r,
+            () = cancel.set() => Err(Cancel::error(what)),
+        }
+    })
+}
+
+/// A response on its way: the body, and whether the server sent the whole object instead of the
+/// range asked for (a server that ignores Range answers 200 with every byte).
+pub struct Fetched {
+    pub body: Body,
+    pub whole_object: bool,
 }
 
 /// Where a remote object lives.
@@ -124,14 +194,17 @@ impl Target {
         what: &str,
         version: &Version,
         range: Range<u64>,
-    ) -> Result<Body, Failure> {
+    ) -> Result<Fetched, Failure> {
         match self {
             Self::Http { client, url } => client.get(url, what, version, range).await,
             Self::S3 {
                 client,
                 bucket,
                 key,
-            } => client.get(bucket, key, what, version, range).await,
+            } => Ok(Fetched {
+                body: client.get(bucket, key, what, version, range).await?,
+                whole_object: false,
+            }),
         }
     }
 }
@@ -182,14 +255,14 @@ where
             }
             Err(_) => {
                 failures += 1;
-                let reason = format!("no answer within {:?}", settings.idle_timeout);
+                let reason = format!("no answer within {}", ms(settings.idle_timeout));
                 give_up_or_wait(settings, what, failures, reason, None).await?;
             }
         }
     }
 }
 
-async fn give_up_or_wait(
+pub(super) async fn give_up_or_wait(
     settings: &RemoteConfig,
     what: &str,
     failures: u32,
@@ -207,7 +280,7 @@ async fn give_up_or_wait(
     tracing::warn!(
         source = what,
         attempt = failures,
-        ?wait,
+        wait = %ms(wait),
         "{reason}; retrying"
     );
     tokio::time::sleep(wait).await;
@@ -216,6 +289,11 @@ async fn give_up_or_wait(
 
 struct State {
     body: Option<Body>,
+    /// Source offset of the next byte `body` will deliver (before `pos` when a server that
+    /// ignores Range resent the object from its start: those bytes are skipped).
+    body_pos: u64,
+    /// `body` is the whole object, not the range asked for: stop at `end`, do not complain.
+    body_whole: bool,
     /// Next source offset to hand out.
     pos: u64,
     /// Received but not yet handed out.
@@ -236,24 +314,19 @@ pub struct RemoteReader {
 }
 
 impl RemoteReader {
-    /// Send the first request for `range` (retrying as configured), so refusals such as a changed
-    /// object surface here, at open.
-    pub fn open(
+    /// A reader of `range` whose first response, `first`, is already there (it was sent at open,
+    /// so refusals such as a changed object surface at open).
+    pub fn new(
         rt: tokio::runtime::Handle,
         target: Target,
         what: &str,
         version: Arc<Version>,
         settings: RemoteConfig,
         range: Range<u64>,
-    ) -> Result<Self, SourceError> {
-        let body = if range.is_empty() {
-            None
-        } else {
-            Some(rt.block_on(with_retries(&settings, what, || {
-                target.get(what, &version, range.clone())
-            }))?)
-        };
-        Ok(Self {
+        first: Option<Fetched>,
+    ) -> Self {
+        let body_whole = first.as_ref().is_some_and(|f| f.whole_object);
+        Self {
             rt,
             target,
             what: what.to_owned(),
@@ -261,26 +334,31 @@ impl RemoteReader {
             settings,
             end: range.end,
             state: Mutex::new(State {
-                body,
+                body_pos: if body_whole { 0 } else { range.start },
+                body: first.map(|f| f.body),
+                body_whole,
                 pos: range.start,
                 pending: Bytes::new(),
                 failures: 0,
             }),
-        })
+        }
     }
 
     /// Fill `buf` with the bytes at `offset`, which must be where the previous read ended.
-    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    pub fn read(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        cancel: Cancel<'_>,
+    ) -> Result<usize, SourceError> {
         let mut st = self.state.lock().expect("reader lock");
         if offset != st.pos {
-            return Err(std::io::Error::other(format!(
+            return Err(self.protocol(&format!(
                 "remote sources are read in order: asked for {offset}, at {}",
                 st.pos
             )));
         }
-        self.rt
-            .block_on(self.fill(&mut st, buf))
-            .map_err(std::io::Error::other)
+        block_on(&self.rt, cancel, &self.what, self.fill(&mut st, buf))
     }
 
     async fn fill(&self, st: &mut State, buf: &mut [u8]) -> Result<usize, SourceError> {
@@ -295,12 +373,15 @@ impl RemoteReader {
             }
             let idle = self.settings.idle_timeout;
             let reason = match st.body.as_mut() {
-                // Resume from the last byte received, still pinned to the planned version.
+                // Resume from the last byte received, still pinned to the planned version; a
+                // server that ignores Range starts again from byte 0, and we skip to `pos`.
                 None => {
                     let get = self.target.get(&self.what, &self.version, st.pos..self.end);
                     match tokio::time::timeout(idle, get).await {
-                        Ok(Ok(body)) => {
-                            st.body = Some(body);
+                        Ok(Ok(fetched)) => {
+                            st.body_whole = fetched.whole_object;
+                            st.body_pos = if fetched.whole_object { 0 } else { st.pos };
+                            st.body = Some(fetched.body);
                             continue;
                         }
                         Ok(Err(Failure::Permanent(e))) => return Err(e),
@@ -321,20 +402,34 @@ impl RemoteReader {
                             .await?;
                             continue;
                         }
-                        Err(_) => format!("no answer within {idle:?}"),
+                        Err(_) => format!("no answer within {}", ms(idle)),
                     }
                 }
                 Some(body) => match tokio::time::timeout(idle, body.next()).await {
-                    Ok(Some(Ok(bytes))) => {
-                        if bytes.len() as u64 > self.end - st.pos {
-                            return Err(self.protocol("sent more bytes than the range asked for"));
+                    Ok(Some(Ok(mut bytes))) => {
+                        // Bytes before `pos` were handed out by an earlier response: skip them.
+                        let skip = (st.pos - st.body_pos).min(bytes.len() as u64);
+                        st.body_pos += bytes.len() as u64;
+                        let _ = bytes.split_to(skip as usize);
+                        if st.body_pos > self.end {
+                            if !st.body_whole {
+                                return Err(
+                                    self.protocol("sent more bytes than the range asked for")
+                                );
+                            }
+                            bytes.truncate((self.end - st.pos) as usize);
+                            st.body = None;
                         }
                         st.pending = bytes;
                         continue;
                     }
-                    Ok(Some(Err(e))) => format!("transfer broke at byte {}: {e}", st.pos),
-                    Ok(None) => format!("connection closed early, at byte {}", st.pos),
-                    Err(_) => format!("timed out: no data for {idle:?} at byte {}", st.pos),
+                    Ok(Some(Err(e))) => format!("transfer broke at byte {}: {e}", st.body_pos),
+                    Ok(None) => format!("connection closed early, at byte {}", st.body_pos),
+                    Err(_) => format!(
+                        "timed out: no data for {} at byte {}",
+                        ms(idle),
+                        st.body_pos
+                    ),
                 },
             };
             st.body = None;
@@ -344,6 +439,7 @@ impl RemoteReader {
             give_up_or_wait(&self.settings, &self.what, st.failures, reason, None).await?;
         }
         if st.pos == self.end
+            && !st.body_whole
             && let Some(mut body) = st.body.take()
         {
             // Read to the end of the response so the connection can be reused, and make sure the
@@ -364,22 +460,19 @@ impl RemoteReader {
             reason: reason.to_owned(),
         }
     }
+
+    /// Where this transfer ends.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
 }
 
-/// A whole remote object as a `Read` (source lists).
-pub struct SequentialReader {
-    pub reader: RemoteReader,
-    pub pos: u64,
-}
-
-impl std::io::Read for SequentialReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.pos >= self.reader.end || buf.is_empty() {
-            return Ok(0);
-        }
-        let n = self.reader.read_at(buf, self.pos)?;
-        self.pos += n as u64;
-        Ok(n)
+/// A duration for messages: `400ms`, `2s`.
+pub fn ms(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
     }
 }
 

@@ -8,22 +8,39 @@
 
 use std::ops::Range;
 
+use aws_credential_types::provider::ProvideCredentials;
+use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_s3::config::{Region, retry::RetryConfig, timeout::TimeoutConfig};
-use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
+use aws_sdk_s3::error::SdkError;
 use aws_sdk_s3::types::{ArchiveStatus, StorageClass};
 
 use super::SourceError;
 use super::remote::{Body, Failure, Version};
 use crate::config::{RemoteConfig, S3Config};
 
-/// The job's S3 client.
+/// Why no S3 client could be set up: configuration, not the network, so it is never retried.
+#[derive(Debug, thiserror::Error)]
+pub enum S3Setup {
+    #[error("no AWS credentials found (looked for {0})")]
+    NoCredentials(String),
+    #[error(
+        "no AWS region: set s3.region in the rule, AWS_REGION, or region in the profile of \
+         ~/.aws/config"
+    )]
+    NoRegion,
+    #[error("AWS credentials could not be loaded: {0}")]
+    Credentials(String),
+}
+
+/// A rule's S3 client.
 pub struct S3Client {
     client: aws_sdk_s3::Client,
 }
 
 impl S3Client {
-    /// Load the AWS configuration chain (async: profile files, maybe IMDS for credentials).
-    pub async fn new(s3: Option<&S3Config>, settings: &RemoteConfig) -> Self {
+    /// Load the AWS configuration chain (async: profile files, maybe IMDS for credentials) and
+    /// resolve credentials once, so that a missing one fails here, at once, in one line.
+    pub async fn new(s3: Option<&S3Config>, settings: &RemoteConfig) -> Result<Self, S3Setup> {
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .retry_config(RetryConfig::disabled())
             .timeout_config(
@@ -39,12 +56,27 @@ impl S3Client {
             loader = loader.endpoint_url(endpoint);
         }
         let shared = loader.load().await;
+        if shared.region().is_none() {
+            return Err(S3Setup::NoRegion);
+        }
+        let provider = shared
+            .credentials_provider()
+            .ok_or_else(|| S3Setup::NoCredentials(chain_looked_at()))?;
+        if let Err(e) = provider.provide_credentials().await {
+            return Err(match e {
+                CredentialsError::CredentialsNotLoaded(_) => {
+                    S3Setup::NoCredentials(chain_looked_at())
+                }
+                // Display only: the SDK's Debug output runs to kilobytes.
+                other => S3Setup::Credentials(one_line(&other)),
+            });
+        }
         let config = aws_sdk_s3::config::Builder::from(&shared)
             .force_path_style(s3.is_some_and(|c| c.path_style))
             .build();
-        Self {
+        Ok(Self {
             client: aws_sdk_s3::Client::from_conf(config),
-        }
+        })
     }
 
     /// HeadObject: size, ETag and version; archived objects are refused here, before any byte.
@@ -126,10 +158,11 @@ impl S3Client {
         if let Some(n) = out.content_length()
             && u64::try_from(n).ok() != Some(len)
         {
-            return Err(remote(
-                what,
-                format!("Content-Length {n} for a range of {len} bytes"),
-            ));
+            return Err(Failure::Permanent(SourceError::LengthMismatch {
+                what: what.to_owned(),
+                wanted: len,
+                got: u64::try_from(n).unwrap_or(0),
+            }));
         }
         if let Some(cr) = out.content_range() {
             let want = format!("bytes {}-{}/{}", range.start, range.end - 1, version.size);
@@ -138,6 +171,33 @@ impl S3Client {
             }
         }
         Ok(Body::S3(out.body))
+    }
+}
+
+/// What the default credential chain looked at, in its order, with the names in effect here.
+fn chain_looked_at() -> String {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let profile = var("AWS_PROFILE").unwrap_or_else(|| "default".into());
+    let credentials =
+        var("AWS_SHARED_CREDENTIALS_FILE").unwrap_or_else(|| "~/.aws/credentials".into());
+    let config = var("AWS_CONFIG_FILE").unwrap_or_else(|| "~/.aws/config".into());
+    let imds = if var("AWS_EC2_METADATA_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        "instance role (disabled)"
+    } else {
+        "instance role"
+    };
+    format!(
+        "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profile {profile} in {credentials} and \
+         {config}, web identity, container role, {imds}"
+    )
+}
+
+/// An error and its causes on one line, without the SDK's Debug dumps.
+fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let text = super::remote::describe(e).replace('\n', " ");
+    match text.char_indices().nth(200) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text,
     }
 }
 
@@ -153,9 +213,8 @@ fn remote(what: &str, reason: String) -> Failure {
 fn sdk_failure<E, R>(what: &str, e: SdkError<E, R>) -> Failure
 where
     E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug + HasStatus,
+    R: std::fmt::Debug + HasStatus + 'static,
 {
-    let text = DisplayErrorContext(&e).to_string();
     match &e {
         SdkError::ServiceError(se) => {
             let status = se.raw().status_code();
@@ -178,11 +237,11 @@ where
                 }),
                 (408 | 429 | 500..=599, _) => Failure::Transient(format!("HTTP {status} {code}")),
                 (403, _) => remote(what, format!("HTTP 403 Forbidden {code}")),
-                _ => remote(what, format!("HTTP {status} {code}: {text}")),
+                _ => remote(what, format!("HTTP {status} {code}: {}", one_line(&e))),
             }
         }
-        SdkError::ConstructionFailure(_) => remote(what, text),
-        _ => Failure::Transient(text),
+        SdkError::ConstructionFailure(_) => remote(what, one_line(&e)),
+        _ => Failure::Transient(one_line(&e)),
     }
 }
 
@@ -194,35 +253,5 @@ trait HasStatus {
 impl HasStatus for aws_sdk_s3::config::http::HttpResponse {
     fn status_code(&self) -> u16 {
         self.status().as_u16()
-    }
-}
-
-/// Split `s3://bucket/key` into bucket and (percent-decoded) key.
-pub fn bucket_and_key(url: &reqwest::Url) -> Option<(String, String)> {
-    let bucket = url.host_str()?.to_owned();
-    let key = percent_decode(url.path().strip_prefix('/')?)?;
-    (!bucket.is_empty() && !key.is_empty()).then_some((bucket, key))
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    percent_encoding::percent_decode_str(s)
-        .decode_utf8()
-        .ok()
-        .map(|c| c.into_owned())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn s3_urls() {
-        let url = reqwest::Url::parse("s3://bucket/a/b%20c.bin").unwrap();
-        assert_eq!(
-            bucket_and_key(&url),
-            Some(("bucket".into(), "a/b c.bin".into()))
-        );
-        let url = reqwest::Url::parse("s3://bucket/").unwrap();
-        assert_eq!(bucket_and_key(&url), None);
     }
 }

@@ -392,7 +392,7 @@ fn once_interrupted_by_sigterm_removes_its_temporary_file() {
     let out = child.wait_with_output().unwrap();
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(out.status.code(), Some(1), "{r:#}");
-    assert_eq!(r["error"]["kind"], "internal", "{r:#}");
+    assert_eq!(r["error"]["kind"], "cancelled", "{r:#}");
     assert!(
         r["error"]["message"]
             .as_str()

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod newuser;
 mod redact;
 mod s3;
 mod server;

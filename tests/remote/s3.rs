@@ -2,9 +2,9 @@
 
 use super::*;
 
-struct Moto {
+pub(crate) struct Moto {
     child: std::process::Child,
-    endpoint: String,
+    pub(crate) endpoint: String,
 }
 
 impl Drop for Moto {
@@ -14,7 +14,7 @@ impl Drop for Moto {
     }
 }
 
-fn start_moto() -> Option<Moto> {
+pub(crate) fn start_moto() -> Option<Moto> {
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -153,7 +153,7 @@ fn handle(mut stream: TcpStream, store: &Store, port: u16) -> std::io::Result<()
         return Ok(());
     };
     let len = obj.data.len();
-    if head && kind == "nohead" {
+    if head && kind.ends_with("nohead") {
         let _ = respond(&mut stream, "405 Method Not Allowed", &[], b"");
         return Ok(());
     }
@@ -181,7 +181,9 @@ fn handle(mut stream: TcpStream, store: &Store, port: u16) -> std::io::Result<()
         );
         return Ok(());
     }
-    let (a, b) = range_of(&h, len).unwrap_or((0, len));
+    // `norange…` servers ignore Range, like python's http.server: 200 and every byte.
+    let ranged = !kind.starts_with("norange");
+    let (a, b) = range_of(&h, len).filter(|_| ranged).unwrap_or((0, len));
     let body = obj.data[a..b].to_vec();
     let etag = obj.etag.clone();
     drop(objects);
@@ -189,6 +191,19 @@ fn handle(mut stream: TcpStream, store: &Store, port: u16) -> std::io::Result<()
         ("ETag", etag),
         ("Content-Range", format!("bytes {a}-{}/{len}", b - 1)),
     ];
+    if !ranged {
+        hs.retain(|(k, _)| *k != "Content-Range");
+        hs.push(("Content-Length", body.len().to_string()));
+        // `norangedrop`: the first GET sends half the object, then the connection drops.
+        let cut = if kind == "norangedrop" && hit == 1 {
+            body.len() / 2
+        } else {
+            body.len()
+        };
+        let _ = respond(&mut stream, "200 OK", &hs, &body[..cut]);
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        return Ok(());
+    }
     match kind {
         // The first GET sends half its body, then the connection drops.
         "drop" if hit == 1 => {
@@ -226,6 +241,17 @@ fn handle(mut stream: TcpStream, store: &Store, port: u16) -> std::io::Result<()
             hs.push(("Content-Length", body.len().to_string()));
             let _ = respond(&mut stream, "206 Partial Content", &hs, &body[..1024]);
             std::thread::sleep(Duration::from_secs(3));
+        }
+        // A byte every 10 ms: never idle long enough to time out, never done.
+        "trickle" => {
+            hs.push(("Content-Length", body.len().to_string()));
+            let _ = respond(&mut stream, "206 Partial Content", &hs, &[]);
+            for byte in &body {
+                if stream.write_all(&[*byte]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
         _ => {
             hs.push(("Content-Length", body.len().to_string()));
