@@ -56,7 +56,7 @@ impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Path(p) => f.write_str(p),
-            Self::Url(u) => crate::source::Redacted(u).fmt(f),
+            Self::Url(u) => crate::redact::Redacted(u).fmt(f),
         }
     }
 }
