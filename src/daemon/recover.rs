@@ -261,7 +261,13 @@ pub fn assess(dir: JobDir, rule: &Rule) -> Result<Plan, ClaimError> {
         }
         JobState::Copying(j) => {
             if let Some(t) = j.target() {
-                clear_unpublished(&dir, &t);
+                // The rerun creates its temporary output under the rule's output root as it is
+                // now: a file kept under another root would never be reopened, nor removed.
+                if j.output_root.as_deref() == Some(rule.output_root.as_path()) {
+                    clear_unpublished(&dir, &t);
+                } else {
+                    removed_temps(&dir, t.remove_temps(&dir.id));
+                }
             }
             rerun(dir)
         }

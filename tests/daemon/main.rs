@@ -16,6 +16,7 @@ mod publish;
 mod recovery;
 mod reload;
 mod resume;
+mod review;
 
 use std::collections::HashSet;
 use std::fs;

@@ -1,0 +1,64 @@
+//! Found by an adversarial review: recovery after the rules changed between crash and restart.
+
+use std::fs;
+use std::time::Duration;
+
+use super::support::*;
+
+/// A job stopped mid-copy keeps its temporary output to resume in; if the rule's `output_root`
+/// changed before the restart, the rerun publishes in the new root and the old temporary file
+/// (as large as the output) must not stay behind in the old one.
+#[test]
+fn a_changed_output_root_leaves_no_temporary_file_in_the_old_one() {
+    let env = Env::new("    write_mode: pwrite\n    fsync: false\n");
+    env.write_rules(
+        &fs::read_to_string(env.rules())
+            .unwrap()
+            .replace("shutdown_grace: 10s", "shutdown_grace: 1ms"),
+    );
+    let mut want = Vec::new();
+    let mut names = Vec::new();
+    for i in 0..8u8 {
+        let b: Vec<u8> = (0..8usize << 20)
+            .map(|j| (j as u8) ^ i.wrapping_mul(37))
+            .collect();
+        env.data(&format!("p{i}"), &b);
+        want.extend_from_slice(&b);
+        names.push(format!("p{i}"));
+    }
+    let d = env.start();
+    let m = serde_json::json!({"output": "big.bin", "sources": names});
+    env.drop_renamed("in", "big.json", &m.to_string());
+    let work = env.path("in/.work");
+    wait_until(Duration::from_secs(30), || {
+        walk(&work)
+            .iter()
+            .any(|p| p.ends_with(".pieces") && fs::metadata(p).is_ok_and(|m| m.len() > 64))
+    });
+    assert_eq!(d.stop(), 0);
+    assert_eq!(count_results(&env.path("in")), 0, "aborted, not finished");
+    assert_eq!(
+        temps_in(&env.path("out")).len(),
+        1,
+        "the temporary output is kept"
+    );
+    fs::create_dir(env.path("out2")).unwrap();
+    env.write_rules(
+        &fs::read_to_string(env.rules())
+            .unwrap()
+            .replace("output_root: out\n", "output_root: out2\n"),
+    );
+    let d = env.start_named("restarted");
+    wait_until(Duration::from_secs(60), || {
+        count_results(&env.path("in")) == 1
+    });
+    assert_eq!(d.stop(), 0);
+    let r = results(&env.path("in")).pop().unwrap();
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert!(fs::read(env.path("out2/big.bin")).unwrap() == want);
+    assert_eq!(
+        temps_in(&env.path("out")),
+        Vec::<String>::new(),
+        "the old output root still holds the interrupted job's temporary file"
+    );
+}
