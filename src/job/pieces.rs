@@ -5,8 +5,8 @@
 //! pass appends a record per finished piece — its range and its BLAKE3 subtree chaining value, so
 //! a reused piece need not be read again to hash it — but only once those bytes are durable in the
 //! temporary output: in batches, `fdatasync` of the temporary file first, then the records are
-//! appended and the journal `fdatasync`ed (with `fsync: false` both syncs are skipped; the journal
-//! then survives a crashed process but not a crashed machine, like everything else of such a rule).
+//! appended and the journal `fdatasync`ed (with `fsync: false` both syncs are skipped and every record is volatile: the journal
+//! then serves a crashed process but not a crashed machine, like everything else of such a rule).
 //!
 //! A crash of the process alone loses nothing that was written: the page cache still holds the
 //! temporary file's bytes. So with `fsync: true` each finished piece is also recorded at once,
@@ -229,7 +229,10 @@ impl Journal {
         if self.fsync {
             temp.sync_data()?;
         }
-        let bytes: Vec<u8> = done.iter().flat_map(|d| d.encode(false)).collect();
+        // Without fsync nothing made the temporary file's bytes durable: such records are only
+        // as good as the page cache, so they are trusted in this boot alone (after a power loss
+        // a durable-looking record could vouch for bytes that never reached the disk).
+        let bytes: Vec<u8> = done.iter().flat_map(|d| d.encode(!self.fsync)).collect();
         (&self.file).write_all(&bytes)?;
         if self.fsync {
             self.file.sync_data()?;
@@ -293,6 +296,33 @@ pub(super) fn start<'t>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With `fsync: false` no record may claim durability: after a reboot the temporary file's
+    /// bytes may be gone while the journal's appends survived.
+    #[test]
+    fn without_fsync_records_are_trusted_in_this_boot_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let temp = File::create(dir.path().join("t")).unwrap();
+        let path = dir.path().join(PIECES_JOURNAL);
+        let j = Journal::create(&path, &blake3::hash(b"plan"), &temp, false).unwrap();
+        let piece = Piece {
+            index: 0,
+            start: 0,
+            len: 1024,
+            root: false,
+        };
+        j.append(&temp, &[Done::of(&piece, NodeHash::Chaining([7; 32]))])
+            .unwrap();
+        drop(j);
+        let bytes = std::fs::read(&path).unwrap();
+        let record = &bytes[HEADER..HEADER + RECORD];
+        assert_eq!(record[25], 1, "an unsynced record is marked volatile");
+        assert_eq!(
+            record[64..72],
+            boot_id().to_le_bytes(),
+            "stamped with this boot"
+        );
+    }
 
     #[test]
     fn records_round_trip_and_a_torn_tail_is_cut_off() {
