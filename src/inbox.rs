@@ -1,7 +1,7 @@
 //! The watch folder's layout, as every command sees it: the daemon's own sub-folders, the names
 //! manifests and results are filed under, durable writes, and who is watching.
 //!
-//! A live daemon holds a *presence lock* per watch folder: `.work/.daemon-<pid>.lock`, `flock`ed
+//! A live daemon holds a *presence lock* per watch folder: `.work/.daemon-<pid>-<random>.lock`, `flock`ed
 //! exclusively for as long as the daemon watches the folder, and holding `{"pid", "since"}`. The
 //! kernel drops the lock when the process dies, however it dies, so "some presence file is
 //! locked" is exactly "a daemon is alive and watching"; a file left by a dead daemon is stale and
@@ -164,8 +164,21 @@ pub fn announce(watch: &Path) -> Result<Presence, InboxError> {
         }
     }
     let pid = std::process::id();
-    let path = work.join(format!("{PRESENCE_PREFIX}{pid}{PRESENCE_SUFFIX}"));
-    let temp = work.join(format!("{PRESENCE_PREFIX}{pid}{PRESENCE_SUFFIX}.tmp"));
+    // The pid alone is not unique among daemons sharing a folder: each container's daemon may be
+    // pid 1, and one's rename would replace (and its exit remove) the other's file.
+    let nonce = {
+        let mut h = blake3::Hasher::new();
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        h.update(&now.as_nanos().to_le_bytes());
+        h.update(&std::fs::read("/proc/sys/kernel/random/uuid").unwrap_or_default());
+        h.finalize().to_hex()[..16].to_owned()
+    };
+    let path = work.join(format!("{PRESENCE_PREFIX}{pid}-{nonce}{PRESENCE_SUFFIX}"));
+    let temp = work.join(format!(
+        "{PRESENCE_PREFIX}{pid}-{nonce}{PRESENCE_SUFFIX}.tmp"
+    ));
     let mut file = File::create(&temp).map_err(io("creating", &temp))?;
     rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive)
         .map_err(|e| io("locking", &temp)(e.into()))?;
@@ -434,6 +447,23 @@ mod tests {
                 .count(),
             0
         );
+    }
+
+    /// Two daemons with one pid (each pid 1 of its own container, sharing the watch folder): the
+    /// second's file must not replace the first's, nor its exit hide the first.
+    #[test]
+    fn two_presences_of_one_pid_are_both_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(WORK_DIR)).unwrap();
+        let first = announce(dir.path()).unwrap();
+        let second = announce(dir.path()).unwrap();
+        drop(second);
+        assert!(
+            live_daemon(dir.path()).is_some(),
+            "the first daemon still watches"
+        );
+        drop(first);
+        assert_eq!(live_daemon(dir.path()), None);
     }
 
     #[test]
