@@ -357,6 +357,22 @@ pub fn prepare<'a>(
             {
                 refuse(OutputError::Exists { path }.into())?;
             }
+            if overwrite
+                && let Some(path) = target
+                    .as_ref()
+                    .and_then(|t| t.folder_in_the_way(rule.checksum_file))
+            {
+                refuse(
+                    OutputError::NotAllowed {
+                        output: manifest.output.escape_debug().to_string(),
+                        reason: format!(
+                            "{} is a folder, and overwrite replaces files only",
+                            path.display()
+                        ),
+                    }
+                    .into(),
+                )?;
+            }
             target
         }
         Err(e) => {

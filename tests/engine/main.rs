@@ -7,6 +7,7 @@ mod failures;
 mod inputs;
 mod newuser;
 mod plan;
+mod review;
 mod sources;
 
 use std::path::{Path, PathBuf};
