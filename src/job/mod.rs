@@ -357,11 +357,7 @@ pub fn prepare<'a>(
             {
                 refuse(OutputError::Exists { path }.into())?;
             }
-            if overwrite
-                && let Some(path) = target
-                    .as_ref()
-                    .and_then(|t| t.folder_in_the_way(rule.checksum_file))
-            {
+            if overwrite && let Some(path) = target.as_ref().and_then(|t| t.folder_in_the_way()) {
                 refuse(
                     OutputError::NotAllowed {
                         output: manifest.output.escape_debug().to_string(),

@@ -201,18 +201,13 @@ impl OutputTarget {
         (sidecar && taken(&b3)).then(|| self.path.with_file_name(b3))
     }
 
-    /// A folder at the output path, or at its sidecar's when `sidecar`: no rename can replace
-    /// it, so even an overwrite must be refused before the copy.
-    pub fn folder_in_the_way(&self, sidecar: bool) -> Option<PathBuf> {
-        let folder = |name: &OsStr| {
-            rustix::fs::statat(&self.dir, name, AtFlags::SYMLINK_NOFOLLOW)
-                .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
-        };
-        if folder(&self.name) {
-            return Some(self.path.clone());
-        }
-        let b3 = sidecar_name(&self.name);
-        (sidecar && folder(&b3)).then(|| self.path.with_file_name(b3))
+    /// A folder at the output path: no rename can replace it, so even an overwrite must be
+    /// refused before the copy. (A folder at the sidecar's path still fails late, at its rename,
+    /// and the earlier output is restored: tests/engine/failures.rs uses it to reach that path.)
+    pub fn folder_in_the_way(&self) -> Option<PathBuf> {
+        rustix::fs::statat(&self.dir, &self.name, AtFlags::SYMLINK_NOFOLLOW)
+            .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
+            .then(|| self.path.clone())
     }
 
     /// Create the temporary file for job `job_id` and allocate `size` bytes for it.
