@@ -101,7 +101,28 @@ pub fn run_item(item: Item, rule: &Rule, cancel: &AtomicBool) {
         );
         return;
     }
+    if result.status == crate::result::Status::Failed && pieces.exists() {
+        remove_kept_temps(&dir, rule);
+    }
     file(dir, rule, &result);
+}
+
+/// A failed job whose folder holds a pieces journal may have failed before reopening the
+/// temporary output an earlier run kept for it to resume in (recovery keeps it, see
+/// `recover::clear_unpublished`; a refusal in planning never reaches it): remove it now, since
+/// nothing will reopen it once the job is filed.
+fn remove_kept_temps(dir: &JobDir, rule: &Rule) {
+    let Ok(m) = crate::manifest::Manifest::load(&dir.manifest(), crate::manifest::Origin::Claimed)
+    else {
+        return;
+    };
+    if let Ok(Some(t)) = crate::output::OutputTarget::existing_folder(&rule.output_root, &m.output)
+    {
+        let removed = t.remove_temps(&dir.id);
+        if removed > 0 {
+            tracing::info!(job_id = %dir.id, files = removed, "removed the temporary files kept for the failed job");
+        }
+    }
 }
 
 /// A job that failed once the runner's cancel flag was set was aborted by the shutdown (however

@@ -62,3 +62,56 @@ fn a_changed_output_root_leaves_no_temporary_file_in_the_old_one() {
         "the old output root still holds the interrupted job's temporary file"
     );
 }
+
+/// A job stopped mid-copy keeps its temporary output to resume in; if its rerun then fails before
+/// reopening it (here: the output appeared meanwhile, `output_exists`), that file must go with
+/// the failed result instead of staying beside the outputs forever.
+#[test]
+fn a_resumable_job_that_fails_on_its_rerun_leaves_no_temporary_file() {
+    let env = Env::new("    write_mode: pwrite\n    fsync: false\n");
+    env.write_rules(
+        &fs::read_to_string(env.rules())
+            .unwrap()
+            .replace("shutdown_grace: 10s", "shutdown_grace: 1ms"),
+    );
+    let mut names = Vec::new();
+    for i in 0..8u8 {
+        let b: Vec<u8> = (0..8usize << 20)
+            .map(|j| (j as u8) ^ i.wrapping_mul(37))
+            .collect();
+        env.data(&format!("p{i}"), &b);
+        names.push(format!("p{i}"));
+    }
+    let d = env.start();
+    let m = serde_json::json!({"output": "big.bin", "sources": names});
+    env.drop_renamed("in", "big.json", &m.to_string());
+    let work = env.path("in/.work");
+    wait_until(Duration::from_secs(30), || {
+        walk(&work)
+            .iter()
+            .any(|p| p.ends_with(".pieces") && fs::metadata(p).is_ok_and(|m| m.len() > 64))
+    });
+    assert_eq!(d.stop(), 0);
+    assert_eq!(
+        temps_in(&env.path("out")).len(),
+        1,
+        "the temporary output is kept"
+    );
+    fs::write(env.path("out/big.bin"), b"someone else's").unwrap();
+    let d = env.start_named("restarted");
+    wait_until(Duration::from_secs(60), || {
+        count_results(&env.path("in")) == 1
+    });
+    assert_eq!(d.stop(), 0);
+    let r = results(&env.path("in")).pop().unwrap();
+    assert_eq!(r["error"]["kind"], "output_exists", "{r}");
+    assert_eq!(
+        fs::read(env.path("out/big.bin")).unwrap(),
+        b"someone else's"
+    );
+    assert_eq!(
+        temps_in(&env.path("out")),
+        Vec::<String>::new(),
+        "the interrupted job's temporary file is left behind"
+    );
+}
