@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 
 pub use list::stream_list;
-pub use read::Origin;
+pub use read::{Origin, read_text};
 use read::{tidy, tidy_against};
 
 /// Manifests larger than this are refused before they are parsed.

@@ -11,8 +11,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-
 use super::{EXIT_USAGE, load_rule};
 use crate::inbox::{DONE_DIR, FAILED_DIR, is_candidate};
 use crate::inbox::{find_filed, result_name};
@@ -37,8 +35,15 @@ pub fn run(
         );
         return Ok(EXIT_USAGE);
     };
-    let bytes = std::fs::read(manifest)
-        .with_context(|| format!("reading manifest {}", manifest.display()))?;
+    // Read as the job will (a regular file, never blocking on a FIFO), so a path that can never
+    // be a manifest is refused here, not dropped.
+    let bytes = match crate::manifest::read_text(manifest, crate::manifest::Origin::Given) {
+        Ok(text) => text.into_bytes(),
+        Err(e) => {
+            eprintln!("concatd: {e}");
+            return Ok(1);
+        }
+    };
     let ino = crate::inbox::drop_manifest(&rule.watch, name, &bytes)?;
     let dropped = rule.watch.join(name);
     if !wait {
@@ -59,8 +64,9 @@ pub fn run(
                 && find_result(&rule.watch, name, ino).is_none()
             {
                 eprintln!(
-                    "concatd: no daemon is watching {} (rule '{}'): {} stays dropped and runs \
-                     when one starts (concatd run -c {})",
+                    "concatd: no daemon is watching {} (rule '{}'): {} stays in the folder \
+                     (or claimed, if a daemon took it before it stopped) and runs when one \
+                     starts (concatd run -c {})",
                     rule.watch.display(),
                     rule.name,
                     dropped.display(),

@@ -158,3 +158,46 @@ fn status_into_a_closed_pipe_exits_quietly() {
         assert!(err.is_empty(), "{err}");
     }
 }
+
+/// A FIFO named to `submit` is refused at once, not waited on, and nothing is dropped.
+#[test]
+fn submit_of_a_fifo_is_refused_at_once() {
+    let env = Env::new("");
+    let fifo = env.path("m.json");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut child = env
+        .concatd()
+        .args(["submit", "-c", "rules.yaml", "--rule", "r1"])
+        .arg(&fifo)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > Duration::from_secs(5) {
+            let _ = child.kill();
+            panic!("submit blocked on a FIFO");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(1));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(
+        err.contains("not a regular file") && err.contains("FIFO"),
+        "{err}"
+    );
+    assert!(
+        names(&env.path("in")).iter().all(|n| n != "m.json"),
+        "nothing dropped"
+    );
+}
