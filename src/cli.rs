@@ -71,7 +71,7 @@ pub enum Command {
         #[arg(long, value_name = "DUR", value_parser = parse_duration, requires = "wait")]
         timeout: Option<Duration>,
     },
-    /// Show per-rule counts and the latest results.
+    /// Show per rule whether a daemon watches it, its counts and the latest results.
     Status {
         /// The rules file (YAML): log_dir and the rules, see docs/reference.md.
         #[arg(short = 'c', long = "config", value_name = "RULES.yaml")]

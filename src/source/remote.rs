@@ -262,6 +262,40 @@ where
     }
 }
 
+/// What one request of a transfer (the first, or a reconnection) came to.
+pub(super) enum Request {
+    Answered(Fetched),
+    /// The server was busy and its wait is over (counted in the failures): ask again.
+    Again,
+    /// A transient failure, to be counted and retried by the caller.
+    Failed(String),
+}
+
+/// Send `get` and wait at most `idle_timeout` for its answer. A permanent failure ends the
+/// transfer; a busy answer is waited out here (as long as it asks, within `attempts`).
+pub(super) async fn request(
+    settings: &RemoteConfig,
+    what: &str,
+    failures: &mut u32,
+    get: impl std::future::Future<Output = Result<Fetched, Failure>>,
+) -> Result<Request, SourceError> {
+    let idle = settings.idle_timeout;
+    match tokio::time::timeout(idle, get).await {
+        Ok(Ok(fetched)) => Ok(Request::Answered(fetched)),
+        Ok(Err(Failure::Permanent(e))) => Err(e),
+        Ok(Err(Failure::Transient(reason))) => Ok(Request::Failed(reason)),
+        Ok(Err(Failure::Busy {
+            reason,
+            retry_after,
+        })) => {
+            *failures += 1;
+            give_up_or_wait(settings, what, *failures, reason, Some(retry_after)).await?;
+            Ok(Request::Again)
+        }
+        Err(_) => Ok(Request::Failed(format!("no answer within {}", ms(idle)))),
+    }
+}
+
 pub(super) async fn give_up_or_wait(
     settings: &RemoteConfig,
     what: &str,
@@ -377,32 +411,15 @@ impl RemoteReader {
                 // server that ignores Range starts again from byte 0, and we skip to `pos`.
                 None => {
                     let get = self.target.get(&self.what, &self.version, st.pos..self.end);
-                    match tokio::time::timeout(idle, get).await {
-                        Ok(Ok(fetched)) => {
+                    match request(&self.settings, &self.what, &mut st.failures, get).await? {
+                        Request::Answered(fetched) => {
                             st.body_whole = fetched.whole_object;
                             st.body_pos = if fetched.whole_object { 0 } else { st.pos };
                             st.body = Some(fetched.body);
                             continue;
                         }
-                        Ok(Err(Failure::Permanent(e))) => return Err(e),
-                        Ok(Err(Failure::Transient(reason))) => reason,
-                        Ok(Err(Failure::Busy {
-                            reason,
-                            retry_after,
-                        })) => {
-                            st.failures += 1;
-                            let n = st.failures;
-                            give_up_or_wait(
-                                &self.settings,
-                                &self.what,
-                                n,
-                                reason,
-                                Some(retry_after),
-                            )
-                            .await?;
-                            continue;
-                        }
-                        Err(_) => format!("no answer within {}", ms(idle)),
+                        Request::Again => continue,
+                        Request::Failed(reason) => reason,
                     }
                 }
                 Some(body) => match tokio::time::timeout(idle, body.next()).await {

@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::SourceError;
-use super::remote::{Body, Cancel, Failure, Fetched, Target, Version, block_on, give_up_or_wait};
+use super::remote::{
+    Body, Cancel, Fetched, Request, Target, Version, block_on, give_up_or_wait, request,
+};
 use crate::config::RemoteConfig;
 
 /// How long a waiting reader sleeps before it looks at the cancel flag again.
@@ -173,8 +175,8 @@ impl Stream {
                     let get = self
                         .target
                         .get(&self.what, &self.version, st.pos..self.version.size);
-                    match tokio::time::timeout(idle, get).await {
-                        Ok(Ok(fetched)) => {
+                    match request(&self.settings, &self.what, &mut st.failures, get).await? {
+                        Request::Answered(fetched) => {
                             // A server that can resume answers the range; one that cannot sends
                             // the object from byte 0 again.
                             if fetched.whole_object {
@@ -183,25 +185,8 @@ impl Stream {
                             st.body = Some(fetched.body);
                             continue;
                         }
-                        Ok(Err(Failure::Permanent(e))) => return Err(e),
-                        Ok(Err(Failure::Transient(reason))) => reason,
-                        Ok(Err(Failure::Busy {
-                            reason,
-                            retry_after,
-                        })) => {
-                            st.failures += 1;
-                            let n = st.failures;
-                            give_up_or_wait(
-                                &self.settings,
-                                &self.what,
-                                n,
-                                reason,
-                                Some(retry_after),
-                            )
-                            .await?;
-                            continue;
-                        }
-                        Err(_) => format!("no answer within {}", super::remote::ms(idle)),
+                        Request::Again => continue,
+                        Request::Failed(reason) => reason,
                     }
                 }
                 Some(body) => match tokio::time::timeout(idle, body.next()).await {
