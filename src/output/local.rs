@@ -220,14 +220,19 @@ impl OutputTarget {
             Mode::from_raw_mode(0o644),
         )
         .map_err(|e| self.fail("creating temporary file", e))?;
-        let temp = TempOutput {
+        let temp = self.temp_of(job_id, fd);
+        temp.allocate(size)
+    }
+
+    /// Job `job_id`'s temporary file open at `fd`, not yet allocated; removed when dropped.
+    fn temp_of(&self, job_id: &str, fd: OwnedFd) -> TempOutput<'_> {
+        TempOutput {
             target: self,
             job_id: job_id.to_owned(),
             file: File::from(fd),
             allocated: false,
             keep: false,
-        };
-        temp.allocate(size)
+        }
     }
 
     /// The temporary file an earlier run of job `job_id` left (a crash, or a shutdown that kept
@@ -249,13 +254,7 @@ impl OutputTarget {
             Err(Errno::NOENT) => return Ok(None),
             Err(e) => return Err(self.fail("opening temporary file", e)),
         };
-        let temp = TempOutput {
-            target: self,
-            job_id: job_id.to_owned(),
-            file: File::from(fd),
-            allocated: false,
-            keep: false,
-        };
+        let temp = self.temp_of(job_id, fd);
         let st =
             rustix::fs::fstat(&temp.file).map_err(|e| self.fail("opening temporary file", e))?;
         if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile || st.st_size as u64 != size
