@@ -10,10 +10,12 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod api;
 mod remote;
 pub mod urls;
 mod validate;
 
+pub use api::ApiConfig;
 pub use remote::RemoteConfig;
 pub use urls::UrlPolicy;
 use validate::{RawRules, Validator};
@@ -125,6 +127,8 @@ pub struct Rules {
     pub max_jobs: usize,
     /// How long running jobs may go on after SIGTERM before they are aborted.
     pub shutdown_grace: Duration,
+    /// The HTTP API (`api:`); off when absent.
+    pub api: Option<ApiConfig>,
     pub rules: Vec<Rule>,
 }
 

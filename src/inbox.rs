@@ -23,6 +23,14 @@ use std::time::{Duration, SystemTime};
 use rustix::fs::FlockOperation;
 use serde::{Deserialize, Serialize};
 
+mod named;
+mod status;
+mod wait;
+
+pub use named::{JobState, api_name, filed_under, is_job_id, job_state, proposed_id};
+pub use status::{RuleStatus, Status, status};
+pub use wait::{Dropped, LIVENESS_EVERY, ResultWatch, Waited, find_result, wait_result};
+
 /// Sub-folders of a watch folder that the daemon owns.
 pub const WORK_DIR: &str = ".work";
 pub const DONE_DIR: &str = "done";

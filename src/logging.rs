@@ -16,6 +16,7 @@
 //! holds a newline or a terminal sequence can neither forge a line nor drive a terminal.
 
 mod escape;
+mod tail;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -35,6 +36,7 @@ use tracing_subscriber::registry::LookupSpan;
 use crate::config::{Rotation, Rules};
 use escape::{Escaped, push_escaped};
 pub use escape::{EscapedFields, escape};
+pub use tail::print_tail;
 
 /// The live log file of `rule` in `log_dir`.
 pub fn rule_log_path(log_dir: &Path, rule: &str) -> PathBuf {

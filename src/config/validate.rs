@@ -51,6 +51,7 @@ pub(super) struct RawRules {
     log_keep: Option<u64>,
     max_jobs: Option<u64>,
     shutdown_grace: Option<String>,
+    api: Option<super::api::RawApi>,
     #[serde(default)]
     rules: Vec<RawRule>,
     #[serde(flatten)]
@@ -105,7 +106,7 @@ pub(super) enum SizeValue {
 }
 
 pub(super) struct Validator<'a> {
-    base: &'a Path,
+    pub(super) base: &'a Path,
     pub(super) issues: Vec<Issue>,
 }
 
@@ -166,6 +167,7 @@ impl<'a> Validator<'a> {
                 Duration::ZERO
             }),
         };
+        let api = raw.api.map(|a| self.api(a));
         if raw.rules.is_empty() {
             self.issue(None, "rules", "no rules: add at least one");
         }
@@ -185,6 +187,7 @@ impl<'a> Validator<'a> {
             log_keep: raw.log_keep.unwrap_or(14) as usize,
             max_jobs,
             shutdown_grace,
+            api,
             rules,
         }
     }

@@ -186,11 +186,26 @@ pub fn claim(watch: &Path, name: &OsStr, id: &str) -> Result<Option<JobDir>, Cla
     let from = watch.join(name);
     // Twice at most: a second daemon's recovery may remove our job folder while it is still empty
     // (between mkdir and rename); then the manifest is still there and we try again.
+    // A name made by the API carries the id the API answered with: take it when it is still
+    // unused (no job folder of that id, created exclusively here; no result filed under the
+    // name), else a fresh one, so ids stay unique even when a user reuses such a name.
+    let proposed = crate::inbox::proposed_id(name)
+        .filter(|_| !crate::inbox::filed_under(watch, name))
+        .map(|p| {
+            let path = work.join(p);
+            match std::fs::create_dir(&path) {
+                Ok(()) => Ok(Some(p.to_owned())),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(None),
+                Err(e) => Err(io("creating job folder", &path)(e)),
+            }
+        })
+        .transpose()?
+        .flatten();
     for attempt in 0..3 {
-        let id = if attempt == 0 {
-            id.to_owned()
-        } else {
-            crate::job::new_job_id()
+        let id = match (attempt, &proposed) {
+            (0, Some(p)) => p.clone(),
+            (0, None) => id.to_owned(),
+            _ => crate::job::new_job_id(),
         };
         let path = work.join(&id);
         std::fs::create_dir_all(&path).map_err(io("creating job folder", &path))?;
@@ -326,6 +341,36 @@ mod tests {
                 .unwrap();
         assert_eq!(back, result);
         assert_eq!(std::fs::read_dir(watch.join(WORK_DIR)).unwrap().count(), 0);
+    }
+
+    /// An API-named manifest gives its job the id it carries, once: the same name dropped again
+    /// (a user copying it, or a job folder of that id already there) gets a fresh id.
+    #[test]
+    fn api_names_give_their_id_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let watch = dir.path();
+        let done = watch.join("done");
+        std::fs::create_dir(&done).unwrap();
+        let id = crate::job::new_job_id();
+        let name = crate::inbox::api_name(&id, false);
+        std::fs::write(watch.join(&name), "{}").unwrap();
+        let job = claim(watch, &name, "fresh1").unwrap().unwrap();
+        assert_eq!(job.id, id);
+        let result: JobResult = serde_json::from_str(&format!(
+            r#"{{"status":"failed","rule":"r","manifest":"m","job_id":"{id}","started_at":"","finished_at":"","duration_ms":0}}"#
+        ))
+        .unwrap();
+        file_result(job, &done, &result, false).unwrap();
+        std::fs::write(watch.join(&name), "{}").unwrap();
+        let again = claim(watch, &name, "fresh2").unwrap().unwrap();
+        assert_eq!(again.id, "fresh2", "a filed name's id is not reused");
+        // A job folder of the proposed id exists: not shared.
+        let other = crate::job::new_job_id();
+        let other_name = crate::inbox::api_name(&other, true);
+        std::fs::create_dir_all(watch.join(WORK_DIR).join(&other)).unwrap();
+        std::fs::write(watch.join(&other_name), "{}").unwrap();
+        let third = claim(watch, &other_name, "fresh3").unwrap().unwrap();
+        assert_eq!(third.id, "fresh3");
     }
 
     #[test]
