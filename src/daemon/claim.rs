@@ -193,7 +193,7 @@ pub fn claim(watch: &Path, name: &OsStr, id: &str) -> Result<Option<JobDir>, Cla
         .filter(|_| !crate::inbox::filed_under(watch, name))
         .map(|p| {
             let path = work.join(p);
-            match std::fs::create_dir(&path) {
+            match std::fs::create_dir_all(&work).and_then(|()| std::fs::create_dir(&path)) {
                 Ok(()) => Ok(Some(p.to_owned())),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(None),
                 Err(e) => Err(io("creating job folder", &path)(e)),
