@@ -7,6 +7,7 @@
 //! hashed into a temporary output ([`job`], [`checksum`], [`output`]) and published; the daemon
 //! ([`daemon`]) feeds jobs from watched folders and files their [`result`]s.
 
+pub mod api;
 pub mod checksum;
 pub mod cli;
 pub mod commands;
