@@ -30,8 +30,8 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 /// Upper bounds (seconds) of `concatd_job_duration_seconds`: 1 ms to 24 h, roughly 1-2.5-5 per
 /// decade and then the minutes and hours an operator reads a slow job in. Beyond 24 h: `+Inf`.
 pub const DURATION_BUCKETS: [f64; 26] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-    300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 43200.0, 86400.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 43200.0, 86400.0,
 ];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -153,7 +153,9 @@ impl Metrics {
     /// A job's result was filed (in `done/` or `failed/`): count it, its duration and, when it
     /// published, its bytes.
     pub fn job_finished(&self, rule: &str, result: &JobResult, duration: Duration) {
-        self.jobs.get_or_create(&job_label(rule, result.status)).inc();
+        self.jobs
+            .get_or_create(&job_label(rule, result.status))
+            .inc();
         self.duration
             .get_or_create(&label(rule))
             .observe(duration.as_secs_f64());
@@ -318,5 +320,184 @@ pub fn job_running(rule: &str) -> Running {
 impl Drop for Running {
     fn drop(&mut self) {
         job_ended(&self.rule);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// Samples of an OpenMetrics text: `name{labels}` (labels as written) to value. Checks the
+    /// shape on the way: every line a comment or `series value`, and `# EOF` last.
+    fn parse(text: &str) -> HashMap<String, f64> {
+        let mut lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.pop(), Some("# EOF"), "{text}");
+        let mut out = HashMap::new();
+        for line in lines {
+            if line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line}"));
+            let value: f64 = value.parse().unwrap_or_else(|_| panic!("{line}"));
+            assert!(
+                out.insert(series.to_owned(), value).is_none(),
+                "twice: {line}"
+            );
+        }
+        out
+    }
+
+    fn result(rule: &str, status: Status, size: Option<u64>) -> JobResult {
+        let json = serde_json::json!({
+            "status": status, "rule": rule, "manifest": "m.json", "job_id": "j",
+            "size": size, "started_at": "", "finished_at": "", "duration_ms": 0,
+        });
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn every_series_of_a_started_rule_is_there_at_zero() {
+        let m = Metrics::new();
+        m.rule_started("r");
+        let s = parse(&m.render());
+        for series in [
+            r#"concatd_jobs_total{rule="r",status="succeeded"}"#,
+            r#"concatd_jobs_total{rule="r",status="failed"}"#,
+            r#"concatd_job_duration_seconds_count{rule="r"}"#,
+            r#"concatd_job_duration_seconds_sum{rule="r"}"#,
+            r#"concatd_job_duration_seconds_bucket{le="+Inf",rule="r"}"#,
+            r#"concatd_bytes_written_total{rule="r"}"#,
+            r#"concatd_copied_bytes_total{rule="r"}"#,
+            r#"concatd_queue_depth{rule="r"}"#,
+            r#"concatd_jobs_running{rule="r"}"#,
+            r#"concatd_remote_retries_total{rule="r"}"#,
+            r#"concatd_watch_rescans_total{rule="r"}"#,
+        ] {
+            assert_eq!(s.get(series), Some(&0.0), "{series} in {s:?}");
+        }
+        // 26 buckets and +Inf, 2 job series, sum and count, and 6 single series.
+        assert_eq!(s.len(), 27 + 2 + 2 + 6, "{s:?}");
+    }
+
+    #[test]
+    fn events_are_counted_per_rule() {
+        let m = Metrics::new();
+        m.rule_started("a");
+        m.rule_started("b");
+        let ms = Duration::from_millis;
+        m.job_finished("a", &result("a", Status::Succeeded, Some(100)), ms(3));
+        m.job_finished("a", &result("a", Status::Succeeded, Some(23)), ms(1500));
+        m.job_finished("a", &result("a", Status::Failed, None), ms(10));
+        m.queue_depth("a", 7);
+        m.queue_depth("b", 2);
+        m.queue_depth("b", 1);
+        m.remote_retry("b");
+        m.remote_retry("b");
+        m.watch_rescan("a");
+        let running = [job_running("x"), job_running("x")];
+        m.job_started("a");
+        m.job_started("a");
+        m.job_ended("a");
+        let s = parse(&m.render());
+        let get = |k: &str| *s.get(k).unwrap_or_else(|| panic!("{k} missing: {s:?}"));
+        assert_eq!(
+            get(r#"concatd_jobs_total{rule="a",status="succeeded"}"#),
+            2.0
+        );
+        assert_eq!(get(r#"concatd_jobs_total{rule="a",status="failed"}"#), 1.0);
+        assert_eq!(
+            get(r#"concatd_jobs_total{rule="b",status="succeeded"}"#),
+            0.0
+        );
+        assert_eq!(get(r#"concatd_job_duration_seconds_count{rule="a"}"#), 3.0);
+        assert!((get(r#"concatd_job_duration_seconds_sum{rule="a"}"#) - 1.513).abs() < 1e-9);
+        // Only published outputs count as written.
+        assert_eq!(get(r#"concatd_bytes_written_total{rule="a"}"#), 123.0);
+        assert_eq!(get(r#"concatd_copied_bytes_total{rule="a"}"#), 0.0);
+        assert_eq!(get(r#"concatd_queue_depth{rule="a"}"#), 7.0);
+        assert_eq!(get(r#"concatd_queue_depth{rule="b"}"#), 1.0);
+        assert_eq!(get(r#"concatd_remote_retries_total{rule="b"}"#), 2.0);
+        assert_eq!(get(r#"concatd_remote_retries_total{rule="a"}"#), 0.0);
+        assert_eq!(get(r#"concatd_watch_rescans_total{rule="a"}"#), 1.0);
+        assert_eq!(get(r#"concatd_jobs_running{rule="a"}"#), 1.0);
+        // The guards count in the process-wide registry, and end with their job.
+        let global = |s: &HashMap<String, f64>| s.get(r#"concatd_jobs_running{rule="x"}"#).copied();
+        assert_eq!(global(&parse(&render())), Some(2.0));
+        drop(running);
+        assert_eq!(global(&parse(&render())), Some(0.0));
+    }
+
+    #[test]
+    fn duration_buckets_run_from_a_millisecond_to_a_day_and_bounds_are_inclusive() {
+        assert_eq!(DURATION_BUCKETS[0], 0.001);
+        assert_eq!(DURATION_BUCKETS[DURATION_BUCKETS.len() - 1], 86_400.0);
+        assert!(DURATION_BUCKETS.windows(2).all(|w| w[0] < w[1]));
+        let m = Metrics::new();
+        let r = result("r", Status::Succeeded, Some(1));
+        // On a bound (le is "less or equal"), just past it, and past a day.
+        for d in [
+            Duration::from_millis(1),
+            Duration::from_micros(1001),
+            Duration::from_secs(86_400),
+            Duration::from_secs(86_401),
+        ] {
+            m.job_finished("r", &r, d);
+        }
+        let s = parse(&m.render());
+        let bucket =
+            |le: &str| s[&format!(r#"concatd_job_duration_seconds_bucket{{le="{le}",rule="r"}}"#)];
+        assert_eq!(bucket("0.001"), 1.0);
+        assert_eq!(bucket("0.0025"), 2.0);
+        assert_eq!(bucket("43200.0"), 2.0);
+        assert_eq!(bucket("86400.0"), 3.0);
+        assert_eq!(bucket("+Inf"), 4.0);
+        let les = s
+            .keys()
+            .filter(|k| k.starts_with("concatd_job_duration_seconds_bucket"))
+            .count();
+        assert_eq!(les, DURATION_BUCKETS.len() + 1);
+    }
+
+    #[test]
+    fn s3_results_split_uploaded_and_copied_bytes() {
+        let m = Metrics::new();
+        let mut json = serde_json::to_value(result("s", Status::Succeeded, Some(100))).unwrap();
+        // The fields S3 results carry (SPEC), whether or not `JobResult` names them yet.
+        json["copied_bytes"] = 70.into();
+        json["uploaded_bytes"] = 30.into();
+        let r: JobResult = serde_json::from_value(json.clone()).unwrap();
+        let (w, c) = output_bytes(&r);
+        if serde_json::to_value(&r)
+            .unwrap()
+            .get("copied_bytes")
+            .is_some()
+        {
+            assert_eq!((w, c), (30, 70));
+        } else {
+            // Not typed on this build: every byte counts as written.
+            assert_eq!((w, c), (100, 0));
+        }
+        m.job_finished("s", &r, Duration::ZERO);
+        let s = parse(&m.render());
+        assert_eq!(s[r#"concatd_bytes_written_total{rule="s"}"#], w as f64);
+        assert_eq!(s[r#"concatd_copied_bytes_total{rule="s"}"#], c as f64);
+    }
+
+    #[test]
+    fn hostile_rule_names_stay_inside_their_label() {
+        let m = Metrics::new();
+        let evil = "a\"} concatd_jobs_total{rule=\"x\n";
+        m.rule_started(evil);
+        m.remote_retry(evil);
+        let text = m.render();
+        let s = parse(&text);
+        // Quote, brace and newline escaped: one series, its label the whole name.
+        let series = r#"concatd_remote_retries_total{rule="a\"} concatd_jobs_total{rule=\"x\n"}"#;
+        assert_eq!(s.get(series), Some(&1.0), "{text}");
+        assert_eq!(
+            text.lines().filter(|l| !l.starts_with('#')).count(),
+            s.len()
+        );
     }
 }
