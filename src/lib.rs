@@ -18,6 +18,7 @@ pub mod inbox;
 pub mod job;
 pub mod logging;
 pub mod manifest;
+pub mod metrics;
 pub mod output;
 pub mod redact;
 pub mod result;

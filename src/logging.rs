@@ -213,6 +213,23 @@ struct SpanFields {
     fields: Vec<(&'static str, String)>,
 }
 
+/// The rule whose span the current thread is in (the innermost `rule` field), for code that
+/// must attribute work to a rule without being handed it (a remote retry counted in
+/// `concatd_remote_retries_total`). None outside the daemon's subscriber, or outside any rule.
+pub fn current_rule() -> Option<String> {
+    tracing::Span::current()
+        .with_subscriber(|(id, dispatch)| {
+            let registry = dispatch.downcast_ref::<tracing_subscriber::Registry>()?;
+            let span = registry.span(id)?;
+            span.scope().find_map(|s| {
+                s.extensions()
+                    .get::<SpanFields>()
+                    .and_then(|f| f.rule.clone())
+            })
+        })
+        .flatten()
+}
+
 /// Collects an event's (or span's) fields: `message` apart, the others as `key=value`.
 #[derive(Default)]
 struct Fields {

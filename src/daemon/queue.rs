@@ -81,6 +81,8 @@ impl RuleTask {
     /// Feed jobs until stopped, then wait for the running ones.
     pub async fn run(mut self) {
         let watch_dir = self.current().watch.clone();
+        let name = self.current().name.clone();
+        crate::metrics::rule_started(&name);
         let mut queue = Queue::default();
         sweep(&watch_dir, &mut queue).await;
         let mut sweep_tick =
@@ -89,6 +91,7 @@ impl RuleTask {
         // When files too fresh to take were seen by a scan: look again then.
         let mut rescan_at: Option<tokio::time::Instant> = None;
         loop {
+            crate::metrics::queue_depth(&name, queue.len());
             let rule = self.current();
             let can_start = !queue.is_empty() && running.len() < rule.concurrency;
             tokio::select! {
@@ -99,6 +102,7 @@ impl RuleTask {
                         queue.push(Item::New(name));
                     }
                     Some(Notice::Rescan) => {
+                        crate::metrics::watch_rescan(&name);
                         sweep(&watch_dir, &mut queue).await;
                         rescan_at = rescan(&watch_dir, &mut queue).await;
                     }
@@ -126,6 +130,8 @@ impl RuleTask {
                 }
             }
         }
+        // Stopped: nothing it held waits here any more (a restart or another daemon takes it).
+        crate::metrics::queue_depth(&name, 0);
         while running.join_next().await.is_some() {}
     }
 

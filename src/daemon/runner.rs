@@ -79,6 +79,7 @@ pub fn run_item(item: Item, rule: &Rule, cancel: &AtomicBool) {
         "job", job_id = %dir.id, manifest = %dir.name.to_string_lossy()
     );
     let _job = job_span.enter();
+    let _running = crate::metrics::job_running(&rule.name);
     let started_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
     let journal_dir = dir.path.clone();
     let pieces = dir.path.join(job::PIECES_JOURNAL);
@@ -174,11 +175,17 @@ fn file(dir: JobDir, rule: &Rule, result: &JobResult) {
     let id = dir.id.clone();
     let manifest = dir.name.to_string_lossy().into_owned();
     match claim::file_result(dir, &rule.watch.join(sub), result, rule.fsync) {
-        Ok(name) => tracing::info!(
-            job_id = %id, manifest = %manifest, status = ?result.status,
-            result = %format!("{sub}/{}", crate::inbox::result_name(&name).to_string_lossy()),
-            "result filed"
-        ),
+        Ok(name) => {
+            // Counted once filed: a result that cannot be filed stays in `.work/` and is filed
+            // (and counted) by a later sweep.
+            let took = std::time::Duration::from_millis(result.duration_ms);
+            crate::metrics::job_finished(&rule.name, result, took);
+            tracing::info!(
+                job_id = %id, manifest = %manifest, status = ?result.status,
+                result = %format!("{sub}/{}", crate::inbox::result_name(&name).to_string_lossy()),
+                "result filed"
+            )
+        }
         Err(e) => tracing::warn!(
             job_id = %id, manifest = %manifest, error = %e,
             "cannot file the result: left in .work/ for the next start"

@@ -309,6 +309,9 @@ pub(super) async fn give_up_or_wait(
             reason: format!("gave up after {failures} attempt(s); last: {reason}"),
         });
     }
+    if let Some(rule) = crate::logging::current_rule() {
+        crate::metrics::remote_retry(&rule);
+    }
     let hint = retry_after.map_or(Duration::ZERO, |d| d.min(Duration::from_secs(30)));
     let wait = backoff(settings.backoff, failures).max(hint);
     tracing::warn!(

@@ -11,6 +11,7 @@ mod support;
 mod crash;
 mod guard;
 mod inputs;
+mod metrics;
 mod presence;
 mod publish;
 mod recovery;
