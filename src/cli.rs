@@ -54,11 +54,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Drop a manifest into a rule's folder; with --wait, wait for and print its result.
+    /// Drop a manifest into a rule's folder (or send it to the API with --api); with --wait,
+    /// wait for and print its result.
     Submit {
-        /// The rules file (YAML): log_dir and the rules, see docs/reference.md.
-        #[arg(short = 'c', long = "config", value_name = "RULES.yaml")]
-        config: PathBuf,
+        /// The rules file (YAML): log_dir and the rules, see docs/reference.md. Not needed
+        /// with --api.
+        #[arg(
+            short = 'c',
+            long = "config",
+            value_name = "RULES.yaml",
+            required_unless_present = "api"
+        )]
+        config: Option<PathBuf>,
         /// The rule whose folder the manifest is dropped into.
         #[arg(long, value_name = "NAME")]
         rule: String,
@@ -70,6 +77,23 @@ pub enum Command {
         /// Give up waiting after this long (e.g. 30s, 5m).
         #[arg(long, value_name = "DUR", value_parser = parse_duration, requires = "wait")]
         timeout: Option<Duration>,
+        /// Submit through the daemon's API instead of the folder: unix:/path/api.sock or
+        /// http://host:port (the token comes from CONCATD_TOKEN).
+        #[arg(long, value_name = "ADDR")]
+        api: Option<String>,
+    },
+    /// Make a new API token for some rules: printed once on stdout, its hash appended to the
+    /// api.tokens_file.
+    Token {
+        /// The rules file (YAML): log_dir and the rules, see docs/reference.md.
+        #[arg(short = 'c', long = "config", value_name = "RULES.yaml")]
+        config: PathBuf,
+        /// A rule the token may use (repeat for more).
+        #[arg(long = "rule", value_name = "NAME", required_unless_present = "all")]
+        rules: Vec<String>,
+        /// The token may use every rule, present and future.
+        #[arg(long, conflicts_with = "rules")]
+        all: bool,
     },
     /// Show per rule whether a daemon watches it, its counts and the latest results.
     Status {

@@ -7,6 +7,7 @@ mod plan;
 mod run;
 mod status;
 mod submit;
+mod token;
 
 use crate::cli::Command;
 use crate::config::{self, ConfigError, Rules};
@@ -36,7 +37,20 @@ pub fn dispatch(command: Command) -> anyhow::Result<i32> {
             manifest,
             wait,
             timeout,
-        } => submit::run(&config, &rule, &manifest, wait, timeout),
+            api: Some(api),
+        } => submit::run_api(&api, config.as_deref(), &rule, &manifest, wait, timeout),
+        Command::Submit {
+            config,
+            rule,
+            manifest,
+            wait,
+            timeout,
+            api: None,
+        } => {
+            let config = config.expect("clap requires --config without --api");
+            submit::run(&config, &rule, &manifest, wait, timeout)
+        }
+        Command::Token { config, rules, all } => token::run(&config, &rules, all),
         Command::Status { config, json } => status::run(&config, json),
         Command::Logs {
             config,

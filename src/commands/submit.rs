@@ -1,19 +1,18 @@
 //! `concatd submit`: drop a manifest into a rule's folder atomically; with `--wait`, wait for its
-//! result.
+//! result. With `--api`, the same through the daemon's API (which makes the very same drop).
 //!
 //! The drop is [`crate::inbox::drop_manifest`]: a temporary file of its own, renamed in without
-//! replacing a waiting manifest. The daemon moves that very file (renamed into its job folder when
-//! claimed, then renamed into `done/` or `failed/`), so its inode identifies it there even when a
-//! unique suffix was added to its name.
+//! replacing a waiting manifest. Waiting is [`crate::inbox::wait_result`], shared with the API's
+//! sync calls: woken by the result's arrival in `done/` or `failed/`.
 
-use std::ffi::OsStr;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use bytes::Bytes;
 
 use super::{EXIT_USAGE, load_rule};
-use crate::inbox::{DONE_DIR, FAILED_DIR, is_candidate};
-use crate::inbox::{find_filed, result_name};
+use crate::api::client::{self, Addr, Answer};
+use crate::inbox::{DONE_DIR, Dropped, FAILED_DIR, ResultWatch, Waited, is_candidate};
 use crate::result::JobResult;
 
 pub fn run(
@@ -35,80 +34,241 @@ pub fn run(
         );
         return Ok(EXIT_USAGE);
     };
-    // Read as the job will (a regular file, never blocking on a FIFO), so a path that can never
-    // be a manifest is refused here, not dropped.
-    let bytes = match crate::manifest::read_text(manifest, crate::manifest::Origin::Given) {
-        Ok(text) => text.into_bytes(),
-        Err(e) => {
-            eprintln!("concatd: {e}");
-            return Ok(1);
-        }
+    let bytes = match read_manifest(manifest) {
+        Ok(b) => b,
+        Err(code) => return Ok(code),
     };
     let ino = crate::inbox::drop_manifest(&rule.watch, name, &bytes)?;
-    let dropped = rule.watch.join(name);
+    let dropped = Dropped {
+        watch: rule.watch.clone(),
+        name: name.to_owned(),
+        ino,
+    };
     if !wait {
-        println!("{}", dropped.display());
+        println!("{}", dropped.path().display());
         return Ok(0);
     }
-    let deadline = timeout.map(|t| Instant::now() + t);
-    let mut checked = Instant::now() - LIVENESS_EVERY;
-    loop {
-        if let Some(result) = find_result(&rule.watch, name, ino) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let waited = runtime.block_on(async {
+        let events = ResultWatch::start(&rule.watch);
+        let until = timeout.map(|t| tokio::time::Instant::now() + t);
+        crate::inbox::wait_result(&dropped, &events, until, true).await
+    });
+    match waited {
+        Waited::Filed(result) => {
             println!("{}", serde_json::to_string_pretty(&result)?);
-            return Ok(result.exit_code());
+            Ok(result.exit_code())
         }
         // Waiting is pointless with nobody to run the job: say so at once (and again should the
         // daemon stop while we wait). The manifest stays dropped and runs when a daemon starts.
-        if checked.elapsed() >= LIVENESS_EVERY {
-            if crate::inbox::live_daemon(&rule.watch).is_none()
-                && find_result(&rule.watch, name, ino).is_none()
-            {
-                eprintln!(
-                    "concatd: no daemon is watching {} (rule '{}'): {} stays in the folder \
-                     (or claimed, if a daemon took it before it stopped) and runs when one \
-                     starts (concatd run -c {})",
-                    rule.watch.display(),
-                    rule.name,
-                    dropped.display(),
-                    config.display()
-                );
-                return Ok(1);
-            }
-            checked = Instant::now();
+        Waited::NoDaemon => {
+            eprintln!(
+                "concatd: no daemon is watching {} (rule '{}'): {} stays in the folder \
+                 (or claimed, if a daemon took it before it stopped) and runs when one \
+                 starts (concatd run -c {})",
+                rule.watch.display(),
+                rule.name,
+                dropped.path().display(),
+                config.display()
+            );
+            Ok(1)
         }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
+        Waited::TimedOut => {
             eprintln!(
                 "concatd: timed out after {} waiting for the result of {} (it is still queued or \
                  running; its result will appear in {}/{DONE_DIR}/ or {}/{FAILED_DIR}/)",
                 humantime::format_duration(timeout.unwrap_or_default()),
-                dropped.display(),
+                dropped.path().display(),
                 rule.watch.display(),
                 rule.watch.display()
             );
-            return Ok(1);
+            Ok(1)
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
-/// How often `--wait` checks that a daemon still watches the folder.
-const LIVENESS_EVERY: Duration = Duration::from_secs(1);
+/// Read the manifest as the job will (a regular file, never blocking on a FIFO), so a path that
+/// can never be a manifest is refused here, not submitted.
+fn read_manifest(manifest: &Path) -> Result<Vec<u8>, i32> {
+    crate::manifest::read_text(manifest, crate::manifest::Origin::Given)
+        .map(String::into_bytes)
+        .map_err(|e| {
+            eprintln!("concatd: {e}");
+            1
+        })
+}
 
-/// The result of the manifest with inode `ino`, once it is filed.
-fn find_result(watch: &Path, name: &OsStr, ino: u64) -> Option<JobResult> {
-    for sub in [DONE_DIR, FAILED_DIR] {
-        let dest = watch.join(sub);
-        // The common case first: filed under its own name.
-        let filed = match std::fs::symlink_metadata(dest.join(name)) {
-            Ok(m) if m.ino() == ino => Some(name.to_owned()),
-            _ => find_filed(&dest, name, ino),
+/// How long one call may go beyond the wait it asked the server for.
+const CALL_SLACK: Duration = Duration::from_secs(30);
+/// How often a job is asked about once a sync call came back still waiting.
+const POLL_EVERY: Duration = Duration::from_millis(500);
+
+/// `submit --api ADDR`: POST the manifest; with `--wait`, a sync call (then, past the server's
+/// `wait_max`, polling `GET /v1/jobs/{id}`) until the result or `--timeout`.
+pub fn run_api(
+    addr: &str,
+    _config: Option<&Path>,
+    rule: &str,
+    manifest: &Path,
+    wait: bool,
+    timeout: Option<Duration>,
+) -> anyhow::Result<i32> {
+    let addr: Addr = match addr.parse() {
+        Ok(a) => a,
+        Err(m) => {
+            eprintln!("concatd: --api: {m}");
+            return Ok(EXIT_USAGE);
+        }
+    };
+    let bytes = match read_manifest(manifest) {
+        Ok(b) => Bytes::from(b),
+        Err(code) => return Ok(code),
+    };
+    let yaml = manifest
+        .extension()
+        .is_some_and(|e| e == "yaml" || e == "yml");
+    let content_type = if yaml {
+        "application/yaml"
+    } else {
+        "application/json"
+    };
+    let token = std::env::var("CONCATD_TOKEN").ok().filter(|t| !t.is_empty());
+    if matches!(addr, Addr::Http(_)) && token.is_none() {
+        eprintln!("concatd: --api {addr}: set CONCATD_TOKEN to a token made by `concatd token`");
+        return Ok(EXIT_USAGE);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let start = tokio::time::Instant::now();
+        let deadline = timeout.map(|t| start + t);
+        let query = match (wait, timeout) {
+            (false, _) => String::new(),
+            (true, None) => "?wait=true".to_owned(),
+            (true, Some(t)) => format!("?wait={}ms", t.as_millis().max(1)),
         };
-        if let Some(filed) = filed
-            && let Ok(bytes) = std::fs::read(dest.join(result_name(&filed)))
-            && let Ok(result) = serde_json::from_slice(&bytes)
-        {
-            return Some(result);
+        let path = format!("/v1/rules/{}/jobs{query}", urlencode(rule));
+        let limit = timeout.unwrap_or(Duration::from_secs(24 * 3600)) + CALL_SLACK;
+        let answer = client::call(
+            &addr,
+            "POST",
+            &path,
+            token.as_deref(),
+            Some(content_type),
+            bytes,
+            limit,
+        )
+        .await;
+        let answer = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("concatd: {e}");
+                return Ok(1);
+            }
+        };
+        if let Some(code) = refused(&addr, rule, &answer) {
+            return Ok(code);
+        }
+        if answer.status != 202 {
+            return print_result(&answer);
+        }
+        let accepted: serde_json::Value = serde_json::from_slice(&answer.body)?;
+        let id = accepted["job_id"].as_str().unwrap_or_default().to_owned();
+        if !wait {
+            println!("{}", serde_json::to_string_pretty(&accepted)?);
+            return Ok(0);
+        }
+        // Still waiting after the server's wait_max: ask about the job until it is done.
+        loop {
+            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                eprintln!(
+                    "concatd: timed out after {} waiting for job {id} (it is still queued or \
+                     running; ask {addr} for /v1/jobs/{id})",
+                    humantime::format_duration(timeout.unwrap_or_default()),
+                );
+                return Ok(1);
+            }
+            tokio::time::sleep(POLL_EVERY).await;
+            let answer = match client::call(
+                &addr,
+                "GET",
+                &format!("/v1/jobs/{id}"),
+                token.as_deref(),
+                None,
+                Bytes::new(),
+                CALL_SLACK,
+            )
+            .await
+            {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("concatd: {e}");
+                    return Ok(1);
+                }
+            };
+            if let Some(code) = refused(&addr, rule, &answer) {
+                return Ok(code);
+            }
+            let job: serde_json::Value = serde_json::from_slice(&answer.body)?;
+            if let Some(result) = job.get("result") {
+                let result: JobResult = serde_json::from_value(result.clone())?;
+                println!("{}", serde_json::to_string_pretty(&result)?);
+                return Ok(result.exit_code());
+            }
+        }
+    })
+}
+
+/// The answer when it refused the call (auth, unknown rule, size): a clear message, exit 1 (2
+/// for an unknown rule, as folder submit).
+fn refused(addr: &Addr, rule: &str, a: &Answer) -> Option<i32> {
+    let said = serde_json::from_slice::<serde_json::Value>(&a.body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| String::from_utf8_lossy(&a.body).trim().to_owned());
+    let (message, code) = match a.status {
+        401 => (
+            format!(
+                "{addr} refused the token (401: {said}): set CONCATD_TOKEN to a token made by \
+                 `concatd token`"
+            ),
+            1,
+        ),
+        403 => (format!("{addr} refused the call (403: {said})"), 1),
+        404 => (format!("{addr}: rule '{rule}' or the job is unknown (404: {said})"), EXIT_USAGE),
+        413 => (
+            format!("{addr}: the manifest is too large for the API (413: {said})"),
+            1,
+        ),
+        400 | 405 | 408 | 411 | 415 => (format!("{addr}: {} {said}", a.status), 1),
+        _ => return None,
+    };
+    eprintln!("concatd: {message}");
+    Some(code)
+}
+
+/// A sync call's answer: the result JSON (a failed job's too), or an error the server gave.
+fn print_result(a: &Answer) -> anyhow::Result<i32> {
+    match serde_json::from_slice::<JobResult>(&a.body) {
+        Ok(result) => {
+            println!("{}", serde_json::to_string_pretty(&result)?);
+            Ok(result.exit_code())
+        }
+        Err(_) => {
+            eprintln!(
+                "concatd: the API answered {}: {}",
+                a.status,
+                String::from_utf8_lossy(&a.body).trim()
+            );
+            Ok(1)
         }
     }
-    None
+}
+
+/// A rule name in a URL path (names are [a-z0-9_-]; anything else is escaped, never trusted).
+fn urlencode(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }

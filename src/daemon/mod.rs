@@ -56,6 +56,8 @@ pub enum DaemonError {
     },
     #[error("log folder: {0}")]
     Log(#[source] std::io::Error),
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
 }
 
 /// How the daemon is told to stop or reload. `concatd run` feeds these from SIGTERM/SIGINT and
@@ -86,6 +88,8 @@ struct Daemon {
     global: Arc<Semaphore>,
     abort: Arc<AtomicBool>,
     logs: RuleLogs,
+    /// The rules as the API sees them, replaced on reload.
+    shared: crate::api::SharedRules,
 }
 
 impl Daemon {
@@ -184,15 +188,22 @@ pub async fn run(path: &Path, logs: RuleLogs, mut control: Control) -> Result<()
         retiring: Vec::new(),
         abort: Arc::new(AtomicBool::new(false)),
         logs,
+        shared: Arc::new(RwLock::new(Arc::new(rules.clone()))),
     };
     for rule in &rules.rules {
         daemon.start_rule(rule)?;
     }
+    let ready = Arc::new(AtomicBool::new(false));
+    let api = match &rules.api {
+        Some(config) => Some(crate::api::start(config, daemon.shared.clone(), ready.clone()).await?),
+        None => None,
+    };
     let (file_tx, mut file_changed) = tokio::sync::mpsc::unbounded_channel();
     let _rules_watch = reload::watch_rules_file(&rules.path, file_tx)
         .map_err(|e| tracing::warn!(error = %e, "cannot watch the rules file: reload with SIGHUP"))
         .ok();
-    // Every rule's folder is watched: tell systemd (a no-op outside systemd).
+    // Every rule's folder is watched: tell systemd (a no-op outside systemd) and `/healthz`.
+    ready.store(true, Ordering::Relaxed);
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     if let Some(every) = sd_notify::watchdog_enabled() {
         tokio::spawn(async move {
@@ -222,6 +233,10 @@ pub async fn run(path: &Path, logs: RuleLogs, mut control: Control) -> Result<()
     }
     tracing::info!("shutting down: no new manifests are taken");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    // The API first: its waiting calls answer at once, so no client holds the stop.
+    if let Some(api) = api {
+        api.stop().await;
+    }
     daemon.shutdown().await;
     Ok(())
 }

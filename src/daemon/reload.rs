@@ -100,6 +100,10 @@ pub(super) fn reload(daemon: &mut Daemon, why: &str) {
             }
         }
     }
+    if new.api != daemon.rules.api {
+        tracing::warn!("reload ({why}): the api section changed: it applies at the next start");
+    }
+    *daemon.shared.write().expect("rules lock") = Arc::new(new.clone());
     daemon.rules = new;
     tracing::info!(
         added = ?added, removed = ?removed, changed = ?changed,
