@@ -230,7 +230,10 @@ mod tests {
         let tokens = Tokens::new(Some(path.clone()));
         assert!(tokens.lookup(&t1).unwrap().allows("r1"));
         assert!(tokens.lookup(&t2).is_none());
-        assert!(tokens.lookup(&token_hash_hex(&t1)).is_none(), "the hash is not a token");
+        assert!(
+            tokens.lookup(&token_hash_hex(&t1)).is_none(),
+            "the hash is not a token"
+        );
         std::fs::write(
             &path,
             format!("{} r1\n{} *\n", token_hash_hex(&t1), token_hash_hex(&t2)),

@@ -38,7 +38,9 @@ impl std::str::FromStr for Addr {
         if s.starts_with("http://") || s.starts_with("https://") {
             let u = url::Url::parse(s).map_err(|e| format!("'{s}': {e}"))?;
             if u.path() != "/" || u.query().is_some() {
-                return Err(format!("'{s}': give the address only, e.g. http://127.0.0.1:8707"));
+                return Err(format!(
+                    "'{s}': give the address only, e.g. http://127.0.0.1:8707"
+                ));
             }
             return Ok(Self::Http(s.trim_end_matches('/').to_owned()));
         }
@@ -78,18 +80,20 @@ pub async fn call(
 ) -> Result<Answer, ClientError> {
     let fut = async {
         match addr {
-            Addr::Unix(socket) => unix_call(addr, socket, method, path, token, content_type, body).await,
-            Addr::Http(base) => http_call(addr, base, method, path, token, content_type, body).await,
+            Addr::Unix(socket) => {
+                unix_call(addr, socket, method, path, token, content_type, body).await
+            }
+            Addr::Http(base) => {
+                http_call(addr, base, method, path, token, content_type, body).await
+            }
         }
     };
-    tokio::time::timeout(limit, fut)
-        .await
-        .unwrap_or_else(|_| {
-            Err(ClientError::TimedOut {
-                addr: addr.to_string(),
-                after: limit,
-            })
+    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
+        Err(ClientError::TimedOut {
+            addr: addr.to_string(),
+            after: limit,
         })
+    })
 }
 
 async fn unix_call(
@@ -105,12 +109,13 @@ async fn unix_call(
         addr: addr.to_string(),
         message: e.to_string(),
     };
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .map_err(|e| ClientError::Connect {
-            addr: addr.to_string(),
-            message: e.to_string(),
-        })?;
+    let stream =
+        tokio::net::UnixStream::connect(socket)
+            .await
+            .map_err(|e| ClientError::Connect {
+                addr: addr.to_string(),
+                message: e.to_string(),
+            })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| exchange(&e))?;
@@ -148,13 +153,14 @@ async fn http_call(
     content_type: Option<&str>,
     body: Bytes,
 ) -> Result<Answer, ClientError> {
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .map_err(|e| ClientError::Connect {
-            addr: addr.to_string(),
-            message: e.to_string(),
-        })?;
+    let client =
+        reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .map_err(|e| ClientError::Connect {
+                addr: addr.to_string(),
+                message: e.to_string(),
+            })?;
     let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
     let mut req = client.request(method, format!("{base}{path}")).body(body);
     if let Some(t) = token {

@@ -69,8 +69,19 @@ fn is_yaml(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
-        .is_some_and(|t| matches!(t.as_str(), "application/yaml" | "application/x-yaml" | "text/yaml"))
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .is_some_and(|t| {
+            matches!(
+                t.as_str(),
+                "application/yaml" | "application/x-yaml" | "text/yaml"
+            )
+        })
 }
 
 /// `202`: the job is queued; where to ask for it.
@@ -113,29 +124,27 @@ pub(super) async fn post_job(
         return Err(too_large());
     }
     let limit = usize::try_from(max).unwrap_or(usize::MAX);
-    let bytes = match tokio::time::timeout(
-        state.config.body_timeout,
-        axum::body::to_bytes(body, limit),
-    )
-    .await
-    {
-        Err(_) => {
-            return Err(Refusal::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "the body did not arrive within api.body_timeout",
-            ));
-        }
-        Ok(Err(e)) => {
-            let length_limit = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            return Err(if length_limit {
-                too_large()
-            } else {
-                Refusal::new(StatusCode::BAD_REQUEST, format!("reading the body: {e}"))
-            });
-        }
-        Ok(Ok(b)) => b,
-    };
+    let bytes =
+        match tokio::time::timeout(state.config.body_timeout, axum::body::to_bytes(body, limit))
+            .await
+        {
+            Err(_) => {
+                return Err(Refusal::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "the body did not arrive within api.body_timeout",
+                ));
+            }
+            Ok(Err(e)) => {
+                let length_limit = std::error::Error::source(&e)
+                    .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+                return Err(if length_limit {
+                    too_large()
+                } else {
+                    Refusal::new(StatusCode::BAD_REQUEST, format!("reading the body: {e}"))
+                });
+            }
+            Ok(Ok(b)) => b,
+        };
     let id = crate::job::new_job_id();
     let file = crate::inbox::api_name(&id, is_yaml(&headers));
     let watch = rule.watch.clone();
@@ -207,7 +216,9 @@ pub(super) async fn get_job(
             .rules
             .iter()
             .filter(|r| access.allows(&r.name))
-            .find_map(|r| crate::inbox::job_state(&r.watch, &lookup_id).map(|s| (r.name.clone(), s)))
+            .find_map(|r| {
+                crate::inbox::job_state(&r.watch, &lookup_id).map(|s| (r.name.clone(), s))
+            })
     })
     .await
     .map_err(internal)?;
@@ -273,7 +284,10 @@ mod tests {
         assert_eq!(wait_for(&q(None), max).unwrap(), None);
         assert_eq!(wait_for(&q(Some("false")), max).unwrap(), None);
         assert_eq!(wait_for(&q(Some("true")), max).unwrap(), Some(max));
-        assert_eq!(wait_for(&q(Some("5s")), max).unwrap(), Some(Duration::from_secs(5)));
+        assert_eq!(
+            wait_for(&q(Some("5s")), max).unwrap(),
+            Some(Duration::from_secs(5))
+        );
         assert_eq!(wait_for(&q(Some("2h")), max).unwrap(), Some(max));
         assert!(wait_for(&q(Some("soon")), max).is_err());
     }

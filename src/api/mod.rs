@@ -60,7 +60,10 @@ pub enum ApiError {
 #[derive(Debug, Clone)]
 pub(crate) enum Peer {
     /// A socket peer; `allowed` when its uid is the daemon's own or in `socket_uids`.
-    Unix { uid: Option<u32>, allowed: bool },
+    Unix {
+        uid: Option<u32>,
+        allowed: bool,
+    },
     Tcp(SocketAddr),
 }
 
@@ -122,7 +125,9 @@ pub async fn start(
     let mut socket = None;
     if let Some(path) = &config.socket {
         let listener = bind_socket(path).await?;
-        let ino = std::fs::symlink_metadata(path).map(|m| m.ino()).unwrap_or(0);
+        let ino = std::fs::symlink_metadata(path)
+            .map(|m| m.ino())
+            .unwrap_or(0);
         socket = Some((path.clone(), ino));
         tracing::info!(socket = %path.display(), "api listening");
         let own = rustix::process::getuid().as_raw();
@@ -130,13 +135,15 @@ pub async fn start(
         let conn = Conn::new(&router, &state, &slots, &tasks);
         tasks.spawn(async move {
             loop {
-                let Some(permit) = conn.slot().await else { break };
                 let accepted = tokio::select! {
                     r = listener.accept() => r,
                     _ = conn.stop.cancelled() => break,
                 };
                 match accepted {
                     Ok((stream, _)) => {
+                        let Some(permit) = conn.slot().await else {
+                            break;
+                        };
                         let uid = stream.peer_cred().ok().map(|c| c.uid());
                         let allowed = uid.is_some_and(|u| u == own || uids.contains(&u));
                         conn.serve(stream, Peer::Unix { uid, allowed }, permit);
@@ -157,13 +164,15 @@ pub async fn start(
         let conn = Conn::new(&router, &state, &slots, &tasks);
         tasks.spawn(async move {
             loop {
-                let Some(permit) = conn.slot().await else { break };
                 let accepted = tokio::select! {
                     r = listener.accept() => r,
                     _ = conn.stop.cancelled() => break,
                 };
                 match accepted {
                     Ok((stream, peer)) => {
+                        let Some(permit) = conn.slot().await else {
+                            break;
+                        };
                         let _ = stream.set_nodelay(true);
                         conn.serve(stream, Peer::Tcp(peer), permit);
                     }
@@ -259,8 +268,10 @@ impl Conn {
         }
     }
 
-    /// A connection slot; `None` when stopping. Past `max_connections`, new connections wait in
-    /// the listen backlog.
+    /// A connection slot for a connection just accepted; `None` when stopping. Taken after the
+    /// accept, not before: each listener holding a slot while it waits in `accept` would starve
+    /// the other one when `max_connections` is small. Past `max_connections`, each listener
+    /// holds one accepted connection until a slot frees, and the rest wait in the backlog.
     async fn slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
         tokio::select! {
             p = self.slots.clone().acquire_owned() => p.ok(),
@@ -277,13 +288,15 @@ impl Conn {
         let header_timeout = self.state.config.header_timeout;
         self.tasks.spawn(async move {
             let _permit = permit;
-            let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(peer.clone());
-                let mut router = router.clone();
-                async move {
-                    tower::Service::call(&mut router, req.map(axum::body::Body::new)).await
-                }
-            });
+            let service = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(peer.clone());
+                    let mut router = router.clone();
+                    async move {
+                        tower::Service::call(&mut router, req.map(axum::body::Body::new)).await
+                    }
+                },
+            );
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)

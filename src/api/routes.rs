@@ -46,6 +46,16 @@ impl IntoResponse for Refusal {
             "error": {"status": self.status.as_u16(), "message": self.message}
         });
         let mut r = (self.status, axum::Json(body)).into_response();
+        // A body left unread (too large, too slow): close rather than read the rest of it.
+        if matches!(
+            self.status,
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT | StatusCode::BAD_REQUEST
+        ) {
+            r.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             r.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -57,7 +67,11 @@ impl IntoResponse for Refusal {
 }
 
 /// What the caller may touch: socket peers by uid, TCP callers by their bearer token.
-pub(super) fn authorize(state: &State, peer: &Peer, headers: &HeaderMap) -> Result<Access, Refusal> {
+pub(super) fn authorize(
+    state: &State,
+    peer: &Peer,
+    headers: &HeaderMap,
+) -> Result<Access, Refusal> {
     match peer {
         Peer::Unix { allowed: true, .. } => Ok(Access::All),
         Peer::Unix { uid, .. } => Err(Refusal::new(
@@ -72,7 +86,10 @@ pub(super) fn authorize(state: &State, peer: &Peer, headers: &HeaderMap) -> Resu
                 .get(header::AUTHORIZATION)
                 .and_then(|v| auth::bearer(v.as_bytes()))
                 .ok_or_else(|| {
-                    Refusal::new(StatusCode::UNAUTHORIZED, "an 'Authorization: Bearer TOKEN' header is needed")
+                    Refusal::new(
+                        StatusCode::UNAUTHORIZED,
+                        "an 'Authorization: Bearer TOKEN' header is needed",
+                    )
                 })?;
             state
                 .tokens
@@ -101,13 +118,20 @@ async fn healthz(AxState(state): AxState<Arc<State>>) -> Response {
     if super::is_ready(&state) {
         (StatusCode::OK, "ok\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting: not every watch is armed yet\n").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "starting: not every watch is armed yet\n",
+        )
+            .into_response()
     }
 }
 
 async fn metrics() -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         crate::metrics::render(),
     )
         .into_response()
@@ -158,6 +182,11 @@ async fn logs(
     })
     .await
     .map_err(|e| Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-    .map_err(|e| Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, format!("reading the log: {e}")))?;
+    .map_err(|e| {
+        Refusal::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading the log: {e}"),
+        )
+    })?;
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }

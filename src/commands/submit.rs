@@ -134,7 +134,9 @@ pub fn run_api(
     } else {
         "application/json"
     };
-    let token = std::env::var("CONCATD_TOKEN").ok().filter(|t| !t.is_empty());
+    let token = std::env::var("CONCATD_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
     if matches!(addr, Addr::Http(_)) && token.is_none() {
         eprintln!("concatd: --api {addr}: set CONCATD_TOKEN to a token made by `concatd token`");
         return Ok(EXIT_USAGE);
@@ -238,7 +240,10 @@ fn refused(addr: &Addr, rule: &str, a: &Answer) -> Option<i32> {
             1,
         ),
         403 => (format!("{addr} refused the call (403: {said})"), 1),
-        404 => (format!("{addr}: rule '{rule}' or the job is unknown (404: {said})"), EXIT_USAGE),
+        404 => (
+            format!("{addr}: rule '{rule}' or the job is unknown (404: {said})"),
+            EXIT_USAGE,
+        ),
         413 => (
             format!("{addr}: the manifest is too large for the API (413: {said})"),
             1,

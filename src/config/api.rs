@@ -148,7 +148,9 @@ mod tests {
     use super::super::tests::{issues, parse_in};
 
     fn rules_with(api: &str) -> String {
-        format!("log_dir: logs\napi:\n{api}rules:\n  - name: a\n    watch: in\n    output_root: out\n")
+        format!(
+            "log_dir: logs\napi:\n{api}rules:\n  - name: a\n    watch: in\n    output_root: out\n"
+        )
     }
 
     fn dir() -> tempfile::TempDir {
@@ -183,7 +185,13 @@ mod tests {
             "  listen: localhost\n  max_body: lots\n  wait_max: 0s\n  colour: red\n  max_connections: 0\n",
         );
         let all = issues(parse_in(dir.path(), &text).unwrap_err()).join("\n");
-        for key in ["api.listen", "api.max_body", "api.wait_max", "api.colour", "api.max_connections"] {
+        for key in [
+            "api.listen",
+            "api.max_body",
+            "api.wait_max",
+            "api.colour",
+            "api.max_connections",
+        ] {
             assert!(all.contains(&format!("key '{key}'")), "{key}: {all}");
         }
         let text = rules_with("  listen: 127.0.0.1:0\n");
@@ -191,6 +199,9 @@ mod tests {
         assert!(all.contains("key 'api.tokens_file': missing"), "{all}");
         let text = rules_with("  max_body: 1MiB\n");
         let all = issues(parse_in(dir.path(), &text).unwrap_err()).join("\n");
-        assert!(all.contains("key 'api': neither socket nor listen"), "{all}");
+        assert!(
+            all.contains("key 'api': neither socket nor listen"),
+            "{all}"
+        );
     }
 }

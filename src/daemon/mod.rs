@@ -168,7 +168,9 @@ impl Daemon {
                 "jobs still running after the grace period: aborting them"
             );
             self.abort.store(true, Ordering::Relaxed);
-            for t in tasks {
+            // Skip the tasks the timed-out wait already saw finish: polling a handle again after
+            // it returned its output panics (seen with two rules, one idle, one past the grace).
+            for t in tasks.into_iter().filter(|t| !t.is_finished()) {
                 let _ = t.await;
             }
         }
@@ -195,7 +197,9 @@ pub async fn run(path: &Path, logs: RuleLogs, mut control: Control) -> Result<()
     }
     let ready = Arc::new(AtomicBool::new(false));
     let api = match &rules.api {
-        Some(config) => Some(crate::api::start(config, daemon.shared.clone(), ready.clone()).await?),
+        Some(config) => {
+            Some(crate::api::start(config, daemon.shared.clone(), ready.clone()).await?)
+        }
         None => None,
     };
     let (file_tx, mut file_changed) = tokio::sync::mpsc::unbounded_channel();

@@ -16,7 +16,10 @@ const PREFIX: &str = "api-";
 /// Whether `id` has the shape of a job id (`uuid v7`, 32 lowercase hex digits): only such ids
 /// are looked up, so an id from a URL can never name another path.
 pub fn is_job_id(id: &str) -> bool {
-    id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The name the API drops a manifest of job `id` under; `yaml` picks the extension the job

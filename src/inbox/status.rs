@@ -87,7 +87,10 @@ fn results_in(dir: &Path, out: &mut Vec<(SystemTime, PathBuf)>) -> usize {
     };
     let mut n = 0;
     for e in entries.filter_map(|e| e.ok()) {
-        if e.file_name().as_encoded_bytes().ends_with(RESULT_SUFFIX.as_bytes()) {
+        if e.file_name()
+            .as_encoded_bytes()
+            .ends_with(RESULT_SUFFIX.as_bytes())
+        {
             n += 1;
             let mtime = e
                 .metadata()

@@ -86,7 +86,9 @@ impl ResultWatch {
         .and_then(|mut w| {
             let mut any = false;
             for sub in [DONE_DIR, FAILED_DIR] {
-                any |= w.watch(&watch.join(sub), RecursiveMode::NonRecursive).is_ok();
+                any |= w
+                    .watch(&watch.join(sub), RecursiveMode::NonRecursive)
+                    .is_ok();
             }
             // Both are needed: a result missed in one would only be seen by the slow re-check.
             any.then_some(w)
@@ -135,7 +137,10 @@ pub async fn wait_result(
             // Looked at before the result is looked at again: a daemon that files the result
             // and stops in between is not taken for no daemon at all.
             let live = !check_daemon || super::live_daemon(&d.watch).is_some();
-            (result.or_else(|| (!live).then(|| d.result()).flatten()), live)
+            (
+                result.or_else(|| (!live).then(|| d.result()).flatten()),
+                live,
+            )
         })
         .await
         .unwrap_or((None, true));
