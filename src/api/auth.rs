@@ -121,14 +121,16 @@ fn stamp(path: &Path) -> Option<Stamp> {
 /// The tokens file, read again whenever it changes.
 pub struct Tokens {
     path: Option<PathBuf>,
-    cache: Mutex<(Option<Stamp>, Vec<Entry>)>,
+    /// The stamp of the version read (`None`: missing or unreadable) and its lines; `None`
+    /// before the first read.
+    cache: Mutex<Option<(Option<Stamp>, Vec<Entry>)>>,
 }
 
 impl Tokens {
     pub fn new(path: Option<PathBuf>) -> Self {
         let t = Self {
             path,
-            cache: Mutex::new((None, Vec::new())),
+            cache: Mutex::new(None),
         };
         t.refresh();
         t
@@ -139,7 +141,8 @@ impl Tokens {
         let Some(path) = &self.path else { return };
         let now = stamp(path);
         let mut cache = self.cache.lock().expect("tokens lock");
-        if cache.0 == now && now.is_some() {
+        // Unchanged (a missing file stays missing: said once, not on every request).
+        if cache.as_ref().is_some_and(|(stamp, _)| *stamp == now) {
             return;
         }
         let entries = match std::fs::read_to_string(path) {
@@ -156,13 +159,14 @@ impl Tokens {
                 entries
             }
             Err(e) => {
-                if cache.0.is_some() || now.is_none() {
-                    tracing::warn!(file = %path.display(), error = %e, "tokens file unreadable: no TCP caller is let in");
-                }
+                tracing::warn!(
+                    file = %path.display(), error = %e,
+                    "tokens file unreadable: no TCP caller is let in"
+                );
                 Vec::new()
             }
         };
-        *cache = (now, entries);
+        *cache = Some((now, entries));
     }
 
     /// What `token` may touch; `None` when it is not a known token. Every line is compared, in
@@ -172,7 +176,7 @@ impl Tokens {
         let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let cache = self.cache.lock().expect("tokens lock");
         let mut found = None;
-        for e in &cache.1 {
+        for e in cache.iter().flat_map(|(_, entries)| entries) {
             if bool::from(e.hash.ct_eq(&hash)) && found.is_none() {
                 found = Some(e.access.clone());
             }

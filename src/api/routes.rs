@@ -190,3 +190,37 @@ async fn logs(
     })?;
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    fn state(ready: bool, dir: &std::path::Path) -> Arc<State> {
+        for d in ["in", "out"] {
+            std::fs::create_dir(dir.join(d)).unwrap();
+        }
+        let text = "log_dir: logs\nrules:\n  - name: a\n    watch: in\n    output_root: out\n";
+        let rules = crate::config::parse(text, &dir.join("rules.yaml"), dir).unwrap();
+        Arc::new(State {
+            rules: Arc::new(std::sync::RwLock::new(Arc::new(rules))),
+            config: crate::config::ApiConfig::default(),
+            tokens: auth::Tokens::new(None),
+            ready: Arc::new(AtomicBool::new(ready)),
+            stop: tokio_util::sync::CancellationToken::new(),
+            results: Default::default(),
+        })
+    }
+
+    #[tokio::test]
+    async fn healthz_is_503_until_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = state(false, dir.path());
+        assert_eq!(
+            healthz(AxState(st.clone())).await.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        st.ready.store(true, Ordering::Relaxed);
+        assert_eq!(healthz(AxState(st)).await.status(), StatusCode::OK);
+    }
+}

@@ -32,13 +32,13 @@ pub fn dispatch(command: Command) -> anyhow::Result<i32> {
         } => plan::run(&config, &rule, &manifest, json),
         Command::Run { config } => run::run(&config),
         Command::Submit {
-            config,
             rule,
             manifest,
             wait,
             timeout,
             api: Some(api),
-        } => submit::run_api(&api, config.as_deref(), &rule, &manifest, wait, timeout),
+            ..
+        } => submit::run_api(&api, &rule, &manifest, wait, timeout),
         Command::Submit {
             config,
             rule,

@@ -109,7 +109,6 @@ const POLL_EVERY: Duration = Duration::from_millis(500);
 /// `wait_max`, polling `GET /v1/jobs/{id}`) until the result or `--timeout`.
 pub fn run_api(
     addr: &str,
-    _config: Option<&Path>,
     rule: &str,
     manifest: &Path,
     wait: bool,
