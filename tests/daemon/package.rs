@@ -38,7 +38,12 @@ fn the_packaged_unit_keeps_the_hardening_of_the_reference_unit() {
     let reference = directives(&repo("systemd/concatd.service"));
     // Where the package puts things is all that may differ.
     let placed = |d: &String| {
-        ["ExecStart=", "ReadWritePaths=", "Documentation="]
+        [
+            "ExecStart=",
+            "ReadWritePaths=",
+            "Documentation=",
+            "RuntimeDirectory",
+        ]
             .iter()
             .any(|k| d.split_once(' ').unwrap().1.starts_with(k))
     };
