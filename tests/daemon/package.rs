@@ -44,8 +44,8 @@ fn the_packaged_unit_keeps_the_hardening_of_the_reference_unit() {
             "Documentation=",
             "RuntimeDirectory",
         ]
-            .iter()
-            .any(|k| d.split_once(' ').unwrap().1.starts_with(k))
+        .iter()
+        .any(|k| d.split_once(' ').unwrap().1.starts_with(k))
     };
     let a: BTreeSet<&String> = packaged.iter().filter(|d| !placed(d)).collect();
     let b: BTreeSet<&String> = reference.iter().filter(|d| !placed(d)).collect();
