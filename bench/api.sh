@@ -172,7 +172,8 @@ def run(case, clients, make):
                 pass
     return p(0.50)
 
-print(f"1 MiB local job, fsync {fsync}, {jobs} jobs per case, on {os.uname().nodename} ({os.cpu_count()} cores)")
+load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+print(f"1 MiB local job, fsync {fsync}, {jobs} jobs per case, {os.cpu_count()} cores, load average {load}")
 print(f"{'case':<14} {'clients':>7} {'jobs':>5} {'p50 ms':>9} {'p99 ms':>9} {'jobs/s':>8}")
 sync_p50 = None
 for clients in (1, wide):
@@ -183,5 +184,6 @@ for clients in (1, wide):
     run("submit-wait", clients, submit_worker)
     run("drop", clients, drop_worker)
 verdict = "met" if sync_p50 <= 20 else "MISSED"
+print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 print(f"target: sync API p50 <= 20 ms (1 client, Unix socket): {sync_p50:.1f} ms, {verdict}")
 PY
