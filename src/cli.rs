@@ -1,5 +1,8 @@
 //! The command line of `SPEC.md`. Exit codes: 0 success, 1 the job or check failed, 2 bad usage
 //! or an invalid config (clap's own usage errors already exit 2).
+//!
+//! build.rs compiles this file too (man pages, completions): use only std, clap and
+//! `crate::config::parse_duration` here.
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -176,10 +176,11 @@ impl Metrics {
         self.copied_bytes.get_or_create(&label(rule)).inc_by(n);
     }
 
-    /// The rule's queue now holds `n` items.
-    pub fn queue_depth(&self, rule: &str, n: usize) {
-        let n = i64::try_from(n).unwrap_or(i64::MAX);
-        self.queue_depth.get_or_create(&label(rule)).set(n);
+    /// Items added to (or, negative, taken from) the queues of `rule`. A delta, not a value:
+    /// while a reload replaces a rule's task, the old and the new task each add their own
+    /// share, and neither can overwrite the other's (see [`QueueDepth`]).
+    pub fn queue_depth_add(&self, rule: &str, delta: i64) {
+        self.queue_depth.get_or_create(&label(rule)).inc_by(delta);
     }
 
     /// A job of `rule` started running.
@@ -277,9 +278,41 @@ pub fn copied_bytes(rule: &str, n: u64) {
     GLOBAL.copied_bytes(rule, n);
 }
 
-/// See [`Metrics::queue_depth`].
-pub fn queue_depth(rule: &str, n: usize) {
-    GLOBAL.queue_depth(rule, n);
+/// See [`Metrics::queue_depth_add`].
+pub fn queue_depth_add(rule: &str, delta: i64) {
+    GLOBAL.queue_depth_add(rule, delta);
+}
+
+/// One rule task's share of `concatd_queue_depth`: [`QueueDepth::set`] reports its queue's
+/// length, and dropping it (the task stopped: its queue is gone) takes its share back out.
+pub struct QueueDepth {
+    rule: String,
+    reported: i64,
+}
+
+/// Start reporting a rule task's queue length; see [`QueueDepth`].
+pub fn queue_depth(rule: &str) -> QueueDepth {
+    QueueDepth {
+        rule: rule.to_owned(),
+        reported: 0,
+    }
+}
+
+impl QueueDepth {
+    /// The task's queue now holds `n` items.
+    pub fn set(&mut self, n: usize) {
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        if n != self.reported {
+            queue_depth_add(&self.rule, n - self.reported);
+            self.reported = n;
+        }
+    }
+}
+
+impl Drop for QueueDepth {
+    fn drop(&mut self) {
+        self.set(0);
+    }
 }
 
 /// See [`Metrics::job_started`].
@@ -389,9 +422,9 @@ mod tests {
         m.job_finished("a", &result("a", Status::Succeeded, Some(100)), ms(3));
         m.job_finished("a", &result("a", Status::Succeeded, Some(23)), ms(1500));
         m.job_finished("a", &result("a", Status::Failed, None), ms(10));
-        m.queue_depth("a", 7);
-        m.queue_depth("b", 2);
-        m.queue_depth("b", 1);
+        m.queue_depth_add("a", 7);
+        m.queue_depth_add("b", 2);
+        m.queue_depth_add("b", -1);
         m.remote_retry("b");
         m.remote_retry("b");
         m.watch_rescan("a");
@@ -426,6 +459,33 @@ mod tests {
         assert_eq!(global(&parse(&render())), Some(2.0));
         drop(running);
         assert_eq!(global(&parse(&render())), Some(0.0));
+    }
+
+    #[test]
+    fn two_tasks_of_one_rule_report_their_own_share_of_the_queue() {
+        let depth = || {
+            parse(&render())
+                .get(r#"concatd_queue_depth{rule="q"}"#)
+                .copied()
+        };
+        let mut old = queue_depth("q");
+        old.set(5);
+        // A reload replaces the task: the new one starts before the old one has stopped.
+        let mut new = queue_depth("q");
+        new.set(3);
+        assert_eq!(depth(), Some(8.0));
+        old.set(4);
+        drop(old);
+        assert_eq!(
+            depth(),
+            Some(3.0),
+            "the old task's stop does not zero the new one's"
+        );
+        new.set(0);
+        new.set(2);
+        assert_eq!(depth(), Some(2.0));
+        drop(new);
+        assert_eq!(depth(), Some(0.0));
     }
 
     #[test]

@@ -83,6 +83,8 @@ impl RuleTask {
         let watch_dir = self.current().watch.clone();
         let name = self.current().name.clone();
         crate::metrics::rule_started(&name);
+        // This task's share of the rule's queue depth, taken back out when the task ends.
+        let mut depth = crate::metrics::queue_depth(&name);
         let mut queue = Queue::default();
         sweep(&watch_dir, &mut queue).await;
         let mut sweep_tick =
@@ -91,7 +93,7 @@ impl RuleTask {
         // When files too fresh to take were seen by a scan: look again then.
         let mut rescan_at: Option<tokio::time::Instant> = None;
         loop {
-            crate::metrics::queue_depth(&name, queue.len());
+            depth.set(queue.len());
             let rule = self.current();
             let can_start = !queue.is_empty() && running.len() < rule.concurrency;
             tokio::select! {
@@ -131,7 +133,7 @@ impl RuleTask {
             }
         }
         // Stopped: nothing it held waits here any more (a restart or another daemon takes it).
-        crate::metrics::queue_depth(&name, 0);
+        depth.set(0);
         while running.join_next().await.is_some() {}
     }
 

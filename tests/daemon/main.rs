@@ -12,6 +12,7 @@ mod crash;
 mod guard;
 mod inputs;
 mod metrics;
+mod package;
 mod presence;
 mod publish;
 mod recovery;
