@@ -128,10 +128,7 @@ async fn healthz(AxState(state): AxState<Arc<State>>) -> Response {
 
 async fn metrics() -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            crate::metrics::CONTENT_TYPE,
-        )],
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         crate::metrics::render(),
     )
         .into_response()
