@@ -455,7 +455,8 @@ pub struct Layout {
     pub piece_size: u64,
     pub pieces: u64,
     /// The write mode the rule resolves to (`mmap` falls back to `pwrite` where the output's
-    /// filesystem cannot allocate, which only creating the file finds out).
+    /// filesystem cannot allocate, and `auto` shares extents as `copy_file_range` where it can,
+    /// which only creating the file finds out).
     pub write_mode: WriteMode,
 }
 
