@@ -23,8 +23,9 @@ sets=${SETS-L M S P}
 filesystems=${FS-ext4 ext4-cold xfs btrfs}
 target=${CARGO_TARGET_DIR:-$repo/target}
 
-CARGO_TARGET_DIR=$target cargo build --release --manifest-path "$repo/Cargo.toml" >&2
-bin="$target/release/concatd"
+# CONCATD_BIN: a binary to measure instead of building this checkout.
+bin=${CONCATD_BIN:-$target/release/concatd}
+[ -n "${CONCATD_BIN:-}" ] || CARGO_TARGET_DIR=$target cargo build --release --manifest-path "$repo/Cargo.toml" >&2
 mkdir -p "$dir/results"
 rm -f "$dir/results/"*
 

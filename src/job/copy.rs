@@ -481,8 +481,8 @@ impl Copy<'_> {
             let seg_at = out_at + fill as u64;
             let whole = seg.len / align * align;
             if whole > 0
-                && seg_at % align == 0
-                && seg.src_offset % align == 0
+                && seg_at.is_multiple_of(align)
+                && seg.src_offset.is_multiple_of(align)
                 && let Some(fd) = reader.fd()
             {
                 if fill > 0 {
