@@ -27,7 +27,8 @@ target=${CARGO_TARGET_DIR:-$repo/target}
 bin=${CONCATD_BIN:-$target/release/concatd}
 [ -n "${CONCATD_BIN:-}" ] || CARGO_TARGET_DIR=$target cargo build --release --manifest-path "$repo/Cargo.toml" >&2
 mkdir -p "$dir/results"
-rm -f "$dir/results/"*
+# APPEND=1 adds rows to the previous run's table (SETS=P FS=ext4 APPEND=1 after the rest, say).
+[ -n "${APPEND:-}" ] || rm -f "$dir/results/"*
 
 root_of() { # fs: the folder its data and outputs live in (mounting images on first use)
   case $1 in
