@@ -330,20 +330,27 @@ mod resume {
         let m = j!({"output": "big.bin", "sources": names});
         env.drop_renamed("in", "big.json", &m.to_string());
         let stderr = env.path("crashed.stderr");
-        let status = Command::new(support::bin())
+        let mut child = Command::new(support::bin())
             .args(["run", "-c"])
             .arg(env.rules())
             .env("RUST_LOG", "info")
             .env("CONCATD_CRASH_AT", "mid-copy@60%")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).unwrap())
-            .status()
+            .spawn()
             .unwrap();
+        // A daemon that finishes the job instead (a binary built without crash points) would
+        // run on forever: bound the wait.
+        let mut status = None;
+        let clock = std::time::Instant::now();
+        while status.is_none() && clock.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(10));
+            status = child.try_wait().unwrap();
+        }
+        let _ = child.kill();
         let log = std::fs::read_to_string(&stderr).unwrap();
-        assert!(
-            !status.success() && log.contains("crash point mid-copy"),
-            "{log}"
-        );
+        let crashed = status.is_some_and(|s| !s.success());
+        assert!(crashed && log.contains("crash point mid-copy"), "{log}");
         assert_eq!(support::temps_in(&env.path("out")).len(), 1, "{log}");
         let d = env.start_named("restarted");
         support::wait_until(Duration::from_secs(60), || {
