@@ -30,14 +30,16 @@ def stats(r):
     return statistics.median(r["times"]), min(r["times"])
 
 
-print("| set | fs | fsync | concatd s | × cat | × cat && b3sum | × cat && sync | × cat && b3sum && sync | RssAnon | new space | load |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+print("| set | fs | fsync | concatd s | × cat | × cat && b3sum | × cat && sync | × cat && b3sum && sync | CPU s concatd / cat | RssAnon | new space | load |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for fs, st in rows:
     results = json.load(open(f"{res}/{fs}.{st}.hyperfine.json"))["results"]
     by = {r["command"].replace("xargs cat", "cat"): r for r in results}
     load = open(f"{res}/{fs}.{st}.load").read().strip() if os.path.exists(f"{res}/{fs}.{st}.load") else ""
     for fsync in (False, True):
-        c = by[f"concatd fsync={'true' if fsync else 'false'}"]
+        c = by.get(f"concatd fsync={'true' if fsync else 'false'}")
+        if c is None:  # a run still under way
+            continue
         cm, cn = stats(c)
         cells = []
         for base in ["cat", "cat && b3sum", "cat && sync", "cat && b3sum && sync"]:
@@ -47,6 +49,9 @@ for fs, st in rows:
                 continue
             bm, bn = stats(by[base])
             cells.append(f"{cm / bm:.2f} ({cn / bn:.2f}) of {bm:.3f} s")
+        base = by["cat && sync" if fsync else "cat"]
+        cpu = f"{c['user'] + c['system']:.2f} / {base['user'] + base['system']:.2f}"
+        cells.append(cpu)
         e = extra.get((fs, st, fsync), {})
         rss = f"{e['rss_kb'] / 1024:.1f} MiB" if "rss_kb" in e else "?"
         space = ""
