@@ -348,6 +348,7 @@ mod resume {
             status = child.try_wait().unwrap();
         }
         let _ = child.kill();
+        let _ = child.wait();
         let log = std::fs::read_to_string(&stderr).unwrap();
         let crashed = status.is_some_and(|s| !s.success());
         assert!(crashed && log.contains("crash point mid-copy"), "{log}");
