@@ -58,7 +58,9 @@ impl WriteMode {
     }
 
     /// The concrete mode a job uses. `auto` is `pwrite`: on the benchmarks in `bench/` it was the
-    /// fastest for large, medium and small sources alike (README, "Write modes").
+    /// fastest for large, medium and small sources alike (README, "Write modes"). Where the
+    /// output's filesystem shares extents, a job running `auto` shares them as `copy_file_range`
+    /// does instead (decided when its temporary file is created; its result says so).
     pub fn resolve(self) -> Self {
         match self {
             Self::Auto => Self::Pwrite,

@@ -203,6 +203,8 @@ struct Outcome {
     size: u64,
     hash: blake3::Hash,
     sources: u64,
+    /// The write mode that ran (`auto` decides per output filesystem).
+    mode: WriteMode,
 }
 
 /// A new job id: time-ordered, unique across daemons.
@@ -221,7 +223,7 @@ pub fn run(ctx: &JobContext, manifest_path: &Path) -> JobResult {
 pub fn run_from(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> JobResult {
     let started = SystemTime::now();
     let clock = Instant::now();
-    let head = result_head(ctx.rule, &ctx.job_id, manifest_path);
+    let mut head = result_head(ctx.rule, &ctx.job_id, manifest_path);
     tracing::info!(job_id = %ctx.job_id, manifest = %head.manifest, "job started");
     let outcome = execute(ctx, manifest_path, origin).map_err(JobError::cancellation_first);
     let timing = Timing {
@@ -244,6 +246,7 @@ pub fn run_from(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> JobRe
                 blake3: o.hash.to_hex().to_string(),
                 sources: o.sources,
             };
+            head.write_mode = Some(o.mode.as_str().to_owned());
             JobResult::published(head, timing, done)
         }
         Err(e) => {
@@ -452,7 +455,8 @@ pub struct Layout {
     pub piece_size: u64,
     pub pieces: u64,
     /// The write mode the rule resolves to (`mmap` falls back to `pwrite` where the output's
-    /// filesystem cannot allocate, which only creating the file finds out).
+    /// filesystem cannot allocate, and `auto` shares extents as `copy_file_range` where it can,
+    /// which only creating the file finds out).
     pub write_mode: WriteMode,
 }
 
@@ -534,6 +538,11 @@ fn execute(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> Result<Out
     record(&step(Stage::Copying, None, None))?;
     let (workers, max_piece) = copy_settings(rule, &plan);
     let configured_mode = rule.write_mode.resolve();
+    // Where extents may be shared with the sources, the shared ranges need no blocks of their own.
+    let allocate = match rule.write_mode {
+        WriteMode::Auto | WriteMode::CopyFileRange => crate::output::Allocate::UnlessShared,
+        WriteMode::Pwrite | WriteMode::Mmap => crate::output::Allocate::Full,
+    };
     let (temp, journal, resumed) = match ctx.pieces {
         Some(path) if plan.total > 0 => {
             let fingerprint = copy::fingerprint(&plan, max_piece, configured_mode);
@@ -544,16 +553,22 @@ fn execute(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> Result<Out
                 &ctx.job_id,
                 plan.total,
                 rule.fsync,
+                allocate,
             )?
         }
         _ => (
-            target.create_temp(&ctx.job_id, plan.total)?,
+            target.create_temp_with(&ctx.job_id, plan.total, allocate)?,
             None,
             Vec::new(),
         ),
     };
     let journaled = journal.is_some();
     let mut mode = configured_mode;
+    // `auto` shares extents where the output's filesystem can (see copy::Copy::share).
+    let share = temp.reflinks() && allocate == crate::output::Allocate::UnlessShared;
+    if share {
+        mode = WriteMode::CopyFileRange;
+    }
     if mode == crate::config::WriteMode::Mmap && !temp.allocated() {
         // Without allocated blocks a full disk would reach a mapped write as SIGBUS.
         tracing::warn!(job_id = %ctx.job_id, "filesystem cannot fallocate: using pwrite, not mmap");
@@ -568,6 +583,7 @@ fn execute(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> Result<Out
         out: temp.file(),
         out_path: target.path(),
         mode,
+        share,
         ctx,
         journal: std::sync::Mutex::new(journal),
         resumed,
@@ -626,5 +642,6 @@ fn execute(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> Result<Out
         size: plan.total,
         hash,
         sources: plan.count(),
+        mode,
     })
 }

@@ -31,7 +31,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
 use crate::checksum::{NodeHash, Piece};
-use crate::output::{OutputError, OutputTarget, TempOutput};
+use crate::output::{Allocate, OutputError, OutputTarget, TempOutput};
 
 /// The journal's name in a job folder.
 pub const PIECES_JOURNAL: &str = ".pieces";
@@ -252,8 +252,9 @@ pub(super) fn start<'t>(
     job_id: &str,
     total: u64,
     fsync: bool,
+    how: Allocate,
 ) -> Result<(TempOutput<'t>, Option<Journal>, Vec<Done>), OutputError> {
-    if let Some(temp) = target.reopen_temp(job_id, total)? {
+    if let Some(temp) = target.reopen_temp(job_id, total, how)? {
         let found = header(fingerprint, temp.file()).and_then(|want| read(path, &want));
         match found {
             Ok(Some(done)) => match Journal::reopen(path, fsync) {
@@ -282,7 +283,7 @@ pub(super) fn start<'t>(
         }
         drop(temp); // removes it
     }
-    let temp = target.create_temp(job_id, total)?;
+    let temp = target.create_temp_with(job_id, total, how)?;
     let journal = match Journal::create(path, fingerprint, temp.file(), fsync) {
         Ok(j) => Some(j),
         Err(e) => {

@@ -154,6 +154,7 @@ proptest! {
             out: temp.file(),
             out_path: target.path(),
             mode,
+            share: false,
             ctx: &ctx,
             journal: std::sync::Mutex::new(None),
             resumed: Vec::new(),

@@ -4,9 +4,11 @@
 //! complete, verified bytes. The bytes are built in a hidden temporary file in the output's own
 //! folder, created new (`O_EXCL`, never an existing file truncated) and allocated up front with
 //! `fallocate`, so a full disk is [`OutputError::NoSpace`] before any byte is written and a write
-//! through a memory map can never hit SIGBUS for want of blocks. Publishing is `fsync` of the file,
-//! `renameat2` (with `RENAME_NOREPLACE` unless overwriting, so a file that appeared meanwhile is
-//! never clobbered), then `fsync` of the folder. The `.b3` sidecar is written to its own temporary
+//! through a memory map can never hit SIGBUS for want of blocks — except where the filesystem
+//! shares extents and the job will share them ([`Allocate::UnlessShared`]): then the file is only
+//! sized, and the copy allocates each range it writes just before writing it. Publishing is
+//! `fsync` of the file, `renameat2` (with `RENAME_NOREPLACE` unless overwriting, so a file that
+//! appeared meanwhile is never clobbered), then `fsync` of the folder. The `.b3` sidecar is written to its own temporary
 //! file *before* the output is renamed, so a full disk cannot leave an output without its sidecar.
 //! Dropping a [`TempOutput`] removes its temporary names: its own bytes when unpublished, the
 //! earlier file an overwrite exchanged out when published.
@@ -212,6 +214,16 @@ impl OutputTarget {
 
     /// Create the temporary file for job `job_id` and allocate `size` bytes for it.
     pub fn create_temp(&self, job_id: &str, size: u64) -> Result<TempOutput<'_>, OutputError> {
+        self.create_temp_with(job_id, size, Allocate::Full)
+    }
+
+    /// Create the temporary file for job `job_id`, `size` bytes long, allocated as `how` says.
+    pub fn create_temp_with(
+        &self,
+        job_id: &str,
+        size: u64,
+        how: Allocate,
+    ) -> Result<TempOutput<'_>, OutputError> {
         let name = temp_name(job_id);
         let fd = rustix::fs::openat(
             &self.dir,
@@ -221,7 +233,7 @@ impl OutputTarget {
         )
         .map_err(|e| self.fail("creating temporary file", e))?;
         let temp = self.temp_of(job_id, fd);
-        temp.allocate(size)
+        temp.allocate(size, how)
     }
 
     /// Job `job_id`'s temporary file open at `fd`, not yet allocated; removed when dropped.
@@ -231,6 +243,7 @@ impl OutputTarget {
             job_id: job_id.to_owned(),
             file: File::from(fd),
             allocated: false,
+            reflinks: false,
             keep: false,
         }
     }
@@ -243,6 +256,7 @@ impl OutputTarget {
         &self,
         job_id: &str,
         size: u64,
+        how: Allocate,
     ) -> Result<Option<TempOutput<'_>>, OutputError> {
         let fd = match rustix::fs::openat(
             &self.dir,
@@ -261,15 +275,48 @@ impl OutputTarget {
         {
             return Ok(None); // dropped: removed
         }
-        temp.allocate(size).map(Some)
+        temp.allocate(size, how).map(Some)
     }
 }
 
+/// How much of a new temporary output to allocate up front.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocate {
+    /// All of it, so a full disk is `no_space` before the first byte (and a memory map can never
+    /// fault for want of blocks).
+    Full,
+    /// All of it, unless the filesystem shares extents (XFS with reflink, Btrfs): then the file
+    /// is only sized, since the ranges that will be shared with sources need no blocks of their
+    /// own; the copy allocates each range it writes itself just before writing it, so a full
+    /// disk is still `no_space` (at that range, for the bytes really written).
+    UnlessShared,
+}
+
+/// Whether the filesystem of `file` can share extents between files (`FICLONE`, which is what
+/// `copy_file_range` tries first on the same filesystem). Cloning a file onto itself changes
+/// nothing: an empty file answers `Ok`, a non-empty one `EINVAL` (overlapping ranges), where a
+/// filesystem without extent sharing answers `EOPNOTSUPP` (ext4, tmpfs, XFS without reflink).
+fn shares_extents(file: &File) -> bool {
+    matches!(
+        rustix::fs::ioctl_ficlone(file, file),
+        Ok(()) | Err(Errno::INVAL)
+    )
+}
+
 impl<'a> TempOutput<'a> {
-    fn allocate(self, size: u64) -> Result<TempOutput<'a>, OutputError> {
+    fn allocate(self, size: u64, how: Allocate) -> Result<TempOutput<'a>, OutputError> {
         let mut temp = self;
         let target = temp.target;
+        temp.reflinks = shares_extents(&temp.file);
         if size > 0 {
+            if how == Allocate::UnlessShared && temp.reflinks {
+                if temp.file.metadata().map(|m| m.len()).ok() != Some(size) {
+                    temp.file
+                        .set_len(size)
+                        .map_err(|e| target.fail_io("sizing temporary file", e))?;
+                }
+                return Ok(temp);
+            }
             match rustix::fs::fallocate(&temp.file, FallocateFlags::empty(), 0, size) {
                 Ok(()) => temp.allocated = true,
                 // Filesystems without fallocate: size the file sparsely; writes may then meet
@@ -374,6 +421,8 @@ pub struct TempOutput<'a> {
     job_id: String,
     file: File,
     allocated: bool,
+    /// The filesystem shares extents (see [`Allocate::UnlessShared`]).
+    reflinks: bool,
     /// Leave the temporary output behind when dropped (see [`TempOutput::keep`]).
     keep: bool,
 }
@@ -393,6 +442,11 @@ impl TempOutput<'_> {
     /// Whether every byte is allocated (so memory-mapped writes cannot fault for space).
     pub fn allocated(&self) -> bool {
         self.allocated
+    }
+
+    /// Whether the output's filesystem shares extents between files (XFS with reflink, Btrfs).
+    pub fn reflinks(&self) -> bool {
+        self.reflinks
     }
 
     /// Make the output durable and visible at its path, with its sidecar, as one unit: under the

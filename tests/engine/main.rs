@@ -7,6 +7,7 @@ mod failures;
 mod inputs;
 mod newuser;
 mod plan;
+mod reflink;
 mod review;
 mod sources;
 
