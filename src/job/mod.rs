@@ -9,6 +9,9 @@
 //! [`JobError::kind`] is the one place where failures become the spec's error kinds.
 
 mod copy;
+pub mod parts;
+#[cfg(test)]
+mod parts_props;
 mod pieces;
 pub mod plan;
 #[cfg(test)]
