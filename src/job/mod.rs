@@ -16,6 +16,7 @@ mod pieces;
 pub mod plan;
 #[cfg(test)]
 mod plan_props;
+pub mod upload;
 mod verify;
 
 pub use pieces::{PIECES_JOURNAL, resumable};
@@ -26,10 +27,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::{Rule, WriteMode};
+use crate::config::{OutputRoot, Rule, WriteMode};
 use crate::manifest::{Manifest, ManifestError, Origin};
 use crate::output::{OutputError, OutputTarget, Publish, PublishStep, Renames};
-use crate::result::{ErrorKind, JobResult, Problem, Published, ResultError, ResultHead, Timing};
+use crate::result::{
+    ErrorKind, JobResult, Problem, Published, PublishedS3, ResultError, ResultHead, Timing,
+};
 use crate::source::{SourceError, Sources};
 
 /// Why a job failed.
@@ -105,6 +108,7 @@ impl JobError {
             Self::Output(OutputError::NotAllowed { .. }) => ErrorKind::OutputNotAllowed,
             Self::Output(OutputError::Exists { .. }) => ErrorKind::OutputExists,
             Self::Output(OutputError::NoSpace { .. }) => ErrorKind::NoSpace,
+            Self::Output(OutputError::Store { .. }) => ErrorKind::RemoteFailed,
             Self::Journal(e) if crate::output::is_no_space(e) => ErrorKind::NoSpace,
             Self::Journal(_) => ErrorKind::Internal,
             Self::Cancelled => ErrorKind::Cancelled,
@@ -201,11 +205,18 @@ impl JobContext<'_> {
 }
 
 /// What a successful job produced.
-struct Outcome {
-    output: std::path::PathBuf,
-    size: u64,
-    hash: blake3::Hash,
-    sources: u64,
+enum Outcome {
+    Local {
+        output: std::path::PathBuf,
+        size: u64,
+        hash: blake3::Hash,
+        sources: u64,
+    },
+    S3 {
+        done: upload::Uploaded,
+        size: u64,
+        sources: u64,
+    },
 }
 
 /// A new job id: time-ordered, unique across daemons.
@@ -233,21 +244,49 @@ pub fn run_from(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> JobRe
         duration: clock.elapsed(),
     };
     match outcome {
-        Ok(o) => {
-            let rate = o.size as f64 / timing.duration.as_secs_f64().max(1e-9) / (1 << 20) as f64;
+        Ok(Outcome::Local {
+            output,
+            size,
+            hash,
+            sources,
+        }) => {
+            let rate = size as f64 / timing.duration.as_secs_f64().max(1e-9) / (1 << 20) as f64;
             tracing::info!(
-                job_id = %ctx.job_id, manifest = %head.manifest, output = %o.output.display(),
-                bytes = o.size, sources = o.sources, blake3 = %o.hash.to_hex(),
+                job_id = %ctx.job_id, manifest = %head.manifest, output = %output.display(),
+                bytes = size, sources, blake3 = %hash.to_hex(),
                 ms = timing.duration.as_millis() as u64, mib_per_s = format!("{rate:.1}"),
                 "published"
             );
             let done = Published {
-                output: o.output.display().to_string(),
-                size: o.size,
-                blake3: o.hash.to_hex().to_string(),
-                sources: o.sources,
+                output: output.display().to_string(),
+                size,
+                blake3: hash.to_hex().to_string(),
+                sources,
             };
             JobResult::published(head, timing, done)
+        }
+        Ok(Outcome::S3 {
+            done,
+            size,
+            sources,
+        }) => {
+            tracing::info!(
+                job_id = %ctx.job_id, manifest = %head.manifest, output = %done.url,
+                bytes = size, sources, etag = %done.etag, copied_bytes = done.copied_bytes,
+                uploaded_bytes = done.uploaded_bytes, ms = timing.duration.as_millis() as u64,
+                "published"
+            );
+            let done = PublishedS3 {
+                url: done.url,
+                size,
+                blake3: done.blake3.map(|h| h.to_hex().to_string()),
+                sources,
+                etag: done.etag,
+                crc64nvme: done.crc64nvme,
+                copied_bytes: done.copied_bytes,
+                uploaded_bytes: done.uploaded_bytes,
+            };
+            JobResult::uploaded(head, timing, done)
         }
         Err(e) => {
             tracing::warn!(
@@ -269,7 +308,11 @@ pub fn result_head(rule: &Rule, job_id: &str, manifest_path: &Path) -> ResultHea
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
         job_id: job_id.to_owned(),
-        write_mode: Some(rule.write_mode.resolve().as_str().to_owned()),
+        // An S3 output writes no local file.
+        write_mode: rule
+            .output_root
+            .local()
+            .map(|_| rule.write_mode.resolve().as_str().to_owned()),
     }
 }
 
@@ -308,6 +351,8 @@ pub struct Prepared<'a> {
     pub overwrite: bool,
     pub sources: Sources<'a>,
     pub plan: Plan,
+    /// An S3 output's object and parts (`None`: a local output).
+    pub s3: Option<upload::S3Job>,
 }
 
 /// What the planning phase is for.
@@ -349,9 +394,15 @@ pub fn prepare<'a>(
         }
     };
     let overwrite = manifest.overwrite.unwrap_or(rule.overwrite);
+    let local_root = match &rule.output_root {
+        OutputRoot::Local(root) => root.as_path(),
+        OutputRoot::S3(root) => {
+            return prepare_s3(rule, job_id, root, manifest, overwrite, refusals, cancel, observe);
+        }
+    };
     let target = match phase {
-        Phase::Run => OutputTarget::new(&rule.output_root, &manifest.output).map(Some),
-        Phase::Dry => OutputTarget::existing_folder(&rule.output_root, &manifest.output),
+        Phase::Run => OutputTarget::new(local_root, &manifest.output).map(Some),
+        Phase::Dry => OutputTarget::existing_folder(local_root, &manifest.output),
     };
     let target = match target {
         Ok(target) => {
@@ -381,7 +432,7 @@ pub fn prepare<'a>(
     };
     let output = match &target {
         Some(t) => t.path().to_path_buf(),
-        None => rule.output_root.join(&manifest.output),
+        None => local_root.join(&manifest.output),
     };
     let sources = match Sources::with_cancel(rule, cancel) {
         Ok(sources) => sources,
@@ -404,6 +455,7 @@ pub fn prepare<'a>(
                 overwrite,
                 sources,
                 plan,
+                s3: None,
             })
         }
         plan => {
@@ -411,6 +463,85 @@ pub fn prepare<'a>(
             Err(problems)
         }
     }
+}
+
+/// The planning phase of an S3 output: the key checked, every source planned (and kept, to
+/// build the parts from), the parts planned. Whether the key exists is asked by the run, just
+/// before it creates the upload (and the completion is conditional).
+#[allow(clippy::too_many_arguments)]
+fn prepare_s3<'a>(
+    rule: &Rule,
+    job_id: &str,
+    root: &crate::config::S3Root,
+    manifest: Manifest,
+    overwrite: bool,
+    refusals: Refusals,
+    cancel: Option<&'a AtomicBool>,
+    observe: &mut dyn FnMut(&Planned),
+) -> Result<Prepared<'a>, Vec<JobError>> {
+    let mut problems: Vec<JobError> = Vec::new();
+    let key = crate::output::s3::key_for(root, &manifest.output);
+    if let Err(e) = &key {
+        let e = JobError::Output(match e {
+            OutputError::NotAllowed { output, reason } => OutputError::NotAllowed {
+                output: output.clone(),
+                reason: reason.clone(),
+            },
+            other => OutputError::NotAllowed {
+                output: manifest.output.clone(),
+                reason: other.to_string(),
+            },
+        });
+        if refusals == Refusals::First {
+            return Err(vec![e]);
+        }
+        problems.push(e);
+    }
+    let sources = match Sources::with_cancel(rule, cancel) {
+        Ok(sources) => sources,
+        Err(source) => {
+            problems.push(JobError::Sources { source });
+            return Err(problems);
+        }
+    };
+    let mut recs = Vec::new();
+    let mut keep = |p: &Planned| {
+        recs.push(upload::Rec {
+            number: p.number,
+            location: p.spec.location.clone(),
+            offset: p.offset,
+            len: p.len,
+            out_start: p.output_offset,
+            pin: p.probe.pin,
+        });
+        observe(p);
+    };
+    let plan = plan::build(&manifest, &sources, rule.max_output_size, refusals, &mut keep);
+    let plan = match plan {
+        Ok(plan) => plan,
+        Err(more) => {
+            problems.extend(more);
+            return Err(problems);
+        }
+    };
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let job = upload::plan(root, &manifest.output, recs, &sources).map_err(|e| vec![e])?;
+    tracing::info!(
+        job_id = %job_id, sources = plan.count(), bytes = plan.total, output = %job.url,
+        parts = job.parts.parts.len(), copied_bytes = job.parts.copied_bytes,
+        uploaded_bytes = job.parts.uploaded_bytes, "planned"
+    );
+    Ok(Prepared {
+        manifest,
+        target: None,
+        output: PathBuf::from(&job.url),
+        overwrite,
+        sources,
+        plan,
+        s3: Some(job),
+    })
 }
 
 /// A long copy says how far it is this often (one line: a job's log stays short whatever its
@@ -501,6 +632,7 @@ fn execute(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> Result<Out
         overwrite,
         sources,
         plan,
+        s3,
         ..
     } = prepare(
         rule,
@@ -512,16 +644,28 @@ fn execute(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> Result<Out
         &mut |_| {},
     )
     .map_err(|mut problems| problems.swap_remove(0))?;
-    let target = target.ok_or_else(|| JobError::Internal("no output target".into()))?;
     if let Some(p) = ctx.progress {
         p.total.store(plan.total, Ordering::Relaxed);
     }
     if ctx.cancelled() {
         return Err(JobError::Cancelled);
     }
+    if let Some(job) = &s3 {
+        let done = upload::run(ctx, job, &plan, &manifest, &sources, overwrite)?;
+        return Ok(Outcome::S3 {
+            done,
+            size: plan.total,
+            sources: plan.count(),
+        });
+    }
+    let target = target.ok_or_else(|| JobError::Internal("no output target".into()))?;
+    let local_root = rule
+        .output_root
+        .local()
+        .ok_or_else(|| JobError::Internal("a local output under an S3 root".into()))?;
     let step = |stage, renames, hash| JobStep {
         stage,
-        output_root: &rule.output_root,
+        output_root: local_root,
         output: &manifest.output,
         overwrite,
         renames,
@@ -624,7 +768,7 @@ fn execute(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> Result<Out
             record(&step(stage, renamed, Some(&hash)))
         },
     )?;
-    Ok(Outcome {
+    Ok(Outcome::Local {
         output,
         size: plan.total,
         hash,

@@ -79,6 +79,12 @@ impl S3Client {
         })
     }
 
+    /// The SDK client, for the rule's S3 outputs (`output::s3`): the output lives in the store
+    /// of the rule's sources.
+    pub fn sdk(&self) -> &aws_sdk_s3::Client {
+        &self.client
+    }
+
     /// HeadObject: size, ETag and version; archived objects are refused here, before any byte.
     pub async fn head(&self, bucket: &str, key: &str, what: &str) -> Result<Version, Failure> {
         let out = self
@@ -86,6 +92,7 @@ impl S3Client {
             .head_object()
             .bucket(bucket)
             .key(key)
+            .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
             .send()
             .await
             .map_err(|e| sdk_failure(what, e))?;
@@ -122,6 +129,11 @@ impl S3Client {
             version_id: out
                 .version_id()
                 .filter(|v| !v.is_empty() && *v != "null")
+                .map(str::to_owned),
+            // A composite checksum (of parts) does not combine with lengths.
+            crc64nvme: out
+                .checksum_crc64_nvme()
+                .filter(|_| out.checksum_type() != Some(&aws_sdk_s3::types::ChecksumType::Composite))
                 .map(str::to_owned),
         })
     }
