@@ -16,7 +16,7 @@ mod body;
 pub mod journal;
 mod sweep;
 
-pub use sweep::sweep_orphans;
+pub use sweep::{EVERY as SWEEP_EVERY, sweep_orphans};
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
