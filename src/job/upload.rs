@@ -583,7 +583,8 @@ fn parts_then_complete(
     let mut collect = |r: (usize, Result<DonePart, PartFailure>),
                        done: &mut [Option<DonePart>],
                        journal: &mut Option<&mut Journal>,
-                       failure: &mut Option<JobError>|
+                       failure: &mut Option<JobError>,
+                       redo: &mut Vec<usize>|
      -> Result<(), JobError> {
         let (i, r) = r;
         let p = job.parts.parts[i];
@@ -613,6 +614,12 @@ fn parts_then_complete(
             Err(PartFailure::Job(e)) => {
                 failure.get_or_insert(e);
             }
+            Err(PartFailure::Store(f))
+                if f.transient() && matches!(p.kind, PartKind::Upload) && failure.is_none() =>
+            {
+                tracing::warn!(job_id = %ctx.job_id, part = p.number, error = %f.text, "a part failed; it is sent again");
+                redo.push(i);
+            }
             Err(PartFailure::Store(f)) => {
                 failure.get_or_insert(JobError::Output(f.into_output(
                     &job.url,
@@ -627,24 +634,16 @@ fn parts_then_complete(
         Ok(())
     };
 
-    // Uploaded parts (and, for the hash, copied bytes read back), in output order.
-    for (i, p) in job.parts.parts.iter().enumerate() {
-        while let Ok(r) = results.try_recv() {
-            in_flight -= 1;
-            collect(r, done, &mut journal, &mut failure)?;
-        }
-        if failure.is_some() {
-            break;
-        }
-        if ctx.cancelled() {
-            failure = Some(JobError::Cancelled);
-            break;
-        }
+    // Uploaded parts (and, for the hash, copied bytes read back), in output order. `stream`
+    // reads part `i` from its sources and, with `send`, uploads it; `hash` feeds the BLAKE3 too.
+    let in_flight = std::cell::Cell::new(in_flight);
+    let stream = |i: usize,
+                  send: bool,
+                  hash: Option<&mut blake3::Hasher>|
+     -> Result<Option<u64>, JobError> {
+        let p = job.parts.parts[i];
         let upload = matches!(p.kind, PartKind::Upload);
-        if !upload && hasher.is_none() {
-            continue;
-        }
-        let send = upload && done[i].is_none();
+        let mut hash = hash;
         let mut crc = crc_fast::Digest::new(CrcAlgorithm::Crc64Nvme);
         let body_tx = if send {
             let permit = rt
@@ -654,7 +653,7 @@ fn parts_then_complete(
             let body = ByteStream::from_body_1_x(body::ChannelBody::new(brx, p.len));
             let (out, tx, id) = (out.clone(), tx.clone(), id.to_owned());
             let (number, len, crc_on) = (p.number, p.len, flags.crc_wanted);
-            in_flight += 1;
+            in_flight.set(in_flight.get() + 1);
             rt.spawn(async move {
                 let r = out.upload_part(&id, number, len, body, crc_on).await;
                 drop(permit);
@@ -665,7 +664,7 @@ fn parts_then_complete(
             None
         };
         let read = read_range(ctx, job, sources, p.start, p.len, &mut |chunk: Bytes| {
-            if let Some(h) = hasher.as_mut() {
+            if let Some(h) = hash.as_deref_mut() {
                 h.update(&chunk);
             }
             if upload {
@@ -686,24 +685,74 @@ fn parts_then_complete(
             if let Some(btx) = &body_tx {
                 let _ = btx.blocking_send(Err(std::io::Error::other("source failed")));
             }
-            failure = Some(e);
+            return Err(e);
+        }
+        Ok(upload.then(|| crc.finalize()))
+    };
+    let mut redo: Vec<usize> = Vec::new();
+    let mut retries = vec![0u32; total_parts];
+    for (i, p) in job.parts.parts.iter().enumerate() {
+        while let Ok(r) = results.try_recv() {
+            in_flight.set(in_flight.get() - 1);
+            collect(r, done, &mut journal, &mut failure, &mut redo)?;
+        }
+        if failure.is_some() {
             break;
         }
-        if upload {
-            part_crcs[i] = Some(crc.finalize());
+        if ctx.cancelled() {
+            failure = Some(JobError::Cancelled);
+            break;
+        }
+        let upload = matches!(p.kind, PartKind::Upload);
+        if !upload && hasher.is_none() {
+            continue;
+        }
+        match stream(i, upload && done[i].is_none(), hasher.as_mut()) {
+            Ok(crc) => part_crcs[i] = crc,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    // Every part launched reports back, failed or not, before the upload is completed or
+    // aborted; an uploaded part that failed on the way is read and sent again (its bytes were
+    // hashed the first time).
+    loop {
+        while in_flight.get() > 0 {
+            match results.recv() {
+                Ok(r) => {
+                    in_flight.set(in_flight.get() - 1);
+                    collect(r, done, &mut journal, &mut failure, &mut redo)?;
+                }
+                Err(_) => break,
+            }
+        }
+        if failure.is_some() || redo.is_empty() {
+            break;
+        }
+        for i in std::mem::take(&mut redo) {
+            retries[i] += 1;
+            if retries[i] >= settings.attempts {
+                failure.get_or_insert(JobError::Output(OutputError::Store {
+                    url: job.url.clone(),
+                    action: "UploadPart",
+                    reason: format!(
+                        "part {} failed {} time(s)",
+                        job.parts.parts[i].number, retries[i]
+                    ),
+                }));
+                break;
+            }
+            std::thread::sleep(crate::source::remote::backoff(settings.backoff, retries[i]));
+            tracing::info!(job_id = %ctx.job_id, part = job.parts.parts[i].number, attempt = retries[i] + 1, "uploading a part again");
+            if let Err(e) = stream(i, true, None) {
+                failure.get_or_insert(e);
+                break;
+            }
         }
     }
     drop(tx);
-    // Every part launched reports back, failed or not, before the upload is completed or aborted.
-    while in_flight > 0 {
-        match results.recv() {
-            Ok(r) => {
-                in_flight -= 1;
-                collect(r, done, &mut journal, &mut failure)?;
-            }
-            Err(_) => break,
-        }
-    }
     if let Some(e) = failure {
         return Err(e);
     }

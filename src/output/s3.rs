@@ -51,6 +51,9 @@ pub fn key_for(root: &S3Root, output: &str) -> Result<String, OutputError> {
     Ok(key)
 }
 
+/// The code of a [`StoreFailure`] whose answer was 200 but could not be read.
+pub const UNREADABLE: &str = "UnreadableAnswer";
+
 /// What the store answered to a call that failed.
 #[derive(Debug, Clone)]
 pub struct StoreFailure {
@@ -395,6 +398,15 @@ impl S3Output {
                     let f = StoreFailure::of(e);
                     if f.status == Some(404) || f.code == "NoSuchUpload" {
                         return Ok(None);
+                    }
+                    if f.status == Some(200) {
+                        // The upload exists but its listing cannot be read (moto's XML root is
+                        // ListPartsResponse): say so, and let the caller trust its own record —
+                        // the completion checks every part's ETag anyway (InvalidPart).
+                        return Err(StoreFailure {
+                            code: UNREADABLE.into(),
+                            ..f
+                        });
                     }
                     return Err(f);
                 }

@@ -117,6 +117,15 @@ impl Store {
             .unwrap()
     }
 
+    /// CreateMultipartUpload requests so far.
+    fn creates(&self) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"POST ") && l.contains("?uploads HTTP"))
+            .count()
+    }
+
     /// Requests of moto's log matching `what` (e.g. `GET /bkt/data/`).
     fn requests(&self, what: &str) -> usize {
         std::fs::read_to_string(&self.log)
@@ -141,7 +150,7 @@ impl S3Job {
         let mut urls = vec!["\"s3://bkt/data/\"".to_owned()];
         urls.extend(extra_urls.iter().map(|u| format!("\"{u}\"")));
         let rules = format!(
-            "log_dir: logs\nrules:\n  - name: r\n    watch: in\n    output_root: s3://bkt/out/\n    source_root: src\n    allow:\n      urls: [{}]\n    s3:\n      endpoint: {}\n      region: us-east-1\n      path_style: true\n    remote:\n      connect_timeout: 2s\n      idle_timeout: 2s\n      attempts: 2\n      backoff: 10ms\n{extra}",
+            "log_dir: logs\nrules:\n  - name: r\n    watch: in\n    output_root: s3://bkt/out/\n    source_root: src\n    allow:\n      urls: [{}]\n    s3:\n      endpoint: {}\n      region: us-east-1\n      path_style: true\n    remote:\n      connect_timeout: 2s\n      idle_timeout: 20s\n      attempts: 2\n      backoff: 10ms\n{extra}",
             urls.join(", "),
             store.endpoint
         );
@@ -348,7 +357,7 @@ fn overwrite_false_refuses_and_keeps_the_old_object() {
     let o = data(6 * MIB, 7);
     store.put("data/o.bin", &o);
     store.put("out/taken.bin", b"the old object");
-    let tail = data(150, 8);
+    let tail = data(500, 8);
     server.put("tail.bin", tail.clone());
     let job = S3Job::new(&store, &[server.url("trickle/")], "");
 
@@ -356,9 +365,9 @@ fn overwrite_false_refuses_and_keeps_the_old_object() {
     let r = job.once(serde_json::json!({"output": "taken.bin", "sources": ["s3://bkt/data/o.bin"]}));
     assert_eq!(r["error"]["kind"], "output_exists", "{r}");
     assert_eq!(store.get("out/taken.bin").unwrap(), b"the old object");
-    assert_eq!(store.requests("?uploads"), 0);
+    assert_eq!(store.creates(), 0);
 
-    // Appearing while the job runs (its last source trickles for 1.5 s): the conditional
+    // Appearing while the job runs (its last source trickles for 5 s): the conditional
     // completion answers 412, the job fails output_exists, the racing object stays.
     let m = job.manifest(serde_json::json!({"output": "race.bin", "sources":
         ["s3://bkt/data/o.bin", server.url("trickle/tail.bin")]}));
@@ -405,14 +414,14 @@ fn failures_leave_no_upload_and_no_object() {
     let r = job.once(serde_json::json!({"output": "f.bin", "sources":
         ["s3://bkt/data/o.bin", "s3://bkt/data/o.bin", server.url("lie/x.bin")]}));
     assert_eq!(r["error"]["kind"], "too_large", "{r}");
-    assert_eq!(store.requests("?uploads"), 0, "too_large is found before any upload");
+    assert_eq!(store.creates(), 0, "too_large is found before any upload");
 
     // A source failing after the upload was created (its server sends half the bytes it
     // announces): the job fails remote_failed and aborts the upload.
     let r = job.once(serde_json::json!({"output": "f.bin", "sources":
         ["s3://bkt/data/o.bin", server.url("lie/x.bin")]}));
     assert_eq!(r["error"]["kind"], "remote_failed", "{r}");
-    assert_eq!(store.requests("?uploads"), 1, "{r}");
+    assert_eq!(store.creates(), 1, "{r}");
     assert_eq!(store.uploads(), 0, "a failed job left an upload billing");
     assert!(store.get("out/f.bin").is_none());
 
@@ -469,4 +478,159 @@ fn check_validates_s3_output_roots_and_verify() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Uploads under the prefix that no job owns are aborted by the daemon's sweep.
+#[test]
+fn the_daemon_aborts_orphaned_uploads_under_its_prefix() {
+    let Some(store) = Store::start() else {
+        return skip_outside_ci("moto_server is not installed (pip install 'moto[server]')");
+    };
+    store.py("s3.create_multipart_upload(Bucket='bkt', Key='out/orphan.bin')");
+    store.py("s3.create_multipart_upload(Bucket='bkt', Key='elsewhere/not-ours.bin')");
+    assert_eq!(store.uploads(), 2);
+    let job = S3Job::new(&store, &[], "");
+    let mut daemon = Command::new(assert_cmd::cargo::cargo_bin!("concatd"))
+        .args(["run", "-c"])
+        .arg(job.path("rules.yaml"))
+        .envs(AWS_ENV)
+        .env("CONCATD_S3_ORPHAN_GRACE", "0s")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while store.uploads() != 1 {
+        assert!(Instant::now() < deadline, "the orphan was not aborted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left = store.py("print(s3.list_multipart_uploads(Bucket='bkt')['Uploads'][0]['Key'])");
+    assert_eq!(left.trim(), "elsewhere/not-ours.bin", "outside the prefix: not ours");
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+}
+
+/// kill -9 at each step of an S3 output, then a restart: exactly one result, succeeded, the
+/// object byte-correct, the very upload the first run created completed, none left billing.
+#[cfg(feature = "crash-points")]
+mod crash {
+    use super::*;
+
+    fn daemon(job: &S3Job, crash_at: Option<&str>, stderr: &Path) -> std::process::Child {
+        let mut c = Command::new(assert_cmd::cargo::cargo_bin!("concatd"));
+        c.args(["run", "-c"])
+            .arg(job.path("rules.yaml"))
+            .envs(AWS_ENV)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(stderr).unwrap());
+        if let Some(p) = crash_at {
+            c.env("CONCATD_CRASH_AT", p);
+        }
+        c.spawn().unwrap()
+    }
+
+    fn results(job: &S3Job) -> Vec<Value> {
+        let mut all = Vec::new();
+        for folder in ["in/done", "in/failed"] {
+            for e in std::fs::read_dir(job.path(folder)).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.ends_with(".result.json") {
+                    all.push(serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap());
+                }
+            }
+        }
+        all
+    }
+
+    fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + limit;
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn crash_then_restart(point: &str) {
+        let Some(store) = Store::start() else {
+            return skip_outside_ci("moto_server is not installed (pip install 'moto[server]')");
+        };
+        let (a, b) = (data(6 * MIB, 21), data(6 * MIB, 22));
+        store.put("data/a.bin", &a);
+        store.put("data/b.bin", &b);
+        // 12 MiB from a local file: two uploaded parts for the crash mid-parts to fall between.
+        let local = data(12 * MIB, 23);
+        let job = S3Job::new(&store, &[], "    verify: read_back\n");
+        std::fs::write(job.path("src/l.bin"), &local).unwrap();
+        let want = [local.clone(), a.clone(), b.clone()].concat();
+        let first = job.path("first.stderr");
+        let mut child = daemon(&job, Some(point), &first);
+        let log = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+        wait_for("ready", Duration::from_secs(20), || log(&first).contains(" ready"));
+        let m = serde_json::json!({"output": "crash.bin",
+            "sources": ["l.bin", "s3://bkt/data/a.bin", "s3://bkt/data/b.bin"]});
+        std::fs::write(job.path("in/.m.json.tmp"), m.to_string()).unwrap();
+        std::fs::rename(job.path("in/.m.json.tmp"), job.path("in/m.json")).unwrap();
+        let status = {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Some(s) = child.try_wait().unwrap() {
+                    break s;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    panic!("{point}: no crash: {}", log(&first));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        assert!(!status.success(), "{point}");
+        let name = point.split('@').next().unwrap();
+        assert!(log(&first).contains(&format!("crash point {name}")), "{point}: {}", log(&first));
+        assert!(results(&job).is_empty(), "{point}: a result before the restart");
+        let created = store.creates();
+        assert_eq!(created, 1, "{point}");
+
+        let second = job.path("second.stderr");
+        let mut child = daemon(&job, None, &second);
+        wait_for("the result", Duration::from_secs(30), || !results(&job).is_empty());
+        let _ = child.kill();
+        let _ = child.wait();
+        let all = results(&job);
+        assert_eq!(all.len(), 1, "{point}: {all:?}");
+        let r = &all[0];
+        assert_eq!(r["status"], "succeeded", "{point}: {r}\n{}", log(&second));
+        let got = store.get("out/crash.bin").unwrap();
+        assert!(got == want, "{point}: object differs");
+        assert_eq!(r["blake3"], b3(&want), "{point}: {r}");
+        assert_eq!(r["etag"], store.head("out/crash.bin").0, "{point}: {r}");
+        assert_eq!(store.uploads(), 0, "{point}: an upload left billing");
+        // The restart resumed (or recognised) the first run's upload: no second one created.
+        assert_eq!(store.creates(), 1, "{point}: {}", log(&second));
+        let resumed = log(&second);
+        match name {
+            "s3-after-complete" => assert!(resumed.contains("recognised by its ETag"), "{resumed}"),
+            _ => assert!(resumed.contains("resuming the recorded upload"), "{resumed}"),
+        }
+    }
+
+    #[test]
+    fn crash_after_create() {
+        crash_then_restart("s3-created");
+    }
+
+    #[test]
+    fn crash_mid_parts() {
+        crash_then_restart("s3-parts@60%");
+    }
+
+    #[test]
+    fn crash_before_complete() {
+        crash_then_restart("s3-before-complete");
+    }
+
+    #[test]
+    fn crash_after_complete() {
+        crash_then_restart("s3-after-complete");
+    }
 }

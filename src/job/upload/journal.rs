@@ -180,9 +180,14 @@ pub fn resume(
         let _ = std::fs::remove_file(path);
         return Ok(Resume::Fresh);
     }
-    let listed = rt
-        .block_on(out.list_parts(&upload_id))
-        .map_err(|f| store(f, "ListParts"))?;
+    let listed = match rt.block_on(out.list_parts(&upload_id)) {
+        Err(f) if f.code == crate::output::s3::UNREADABLE => {
+            tracing::warn!(job_id = %ctx.job_id, upload_id = %upload_id, "the store's ListParts answer cannot be read: trusting the recorded parts (the completion checks their ETags)");
+            let recorded = completing.as_ref().map(|c| c.parts.clone()).unwrap_or_else(|| parts.clone());
+            Some(recorded)
+        }
+        listed => listed.map_err(|f| store(f, "ListParts"))?,
+    };
     match listed {
         None => {
             // The upload is gone: completed before the crash, or aborted.
