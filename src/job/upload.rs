@@ -365,14 +365,17 @@ pub fn run(
         match journal::resume(path, &fingerprint, &out, &rt, ctx)? {
             Resume::Completed(c) => {
                 tracing::info!(job_id = %ctx.job_id, output = %job.url, etag = %c.etag, "the upload completed before a restart: recognised by its ETag");
-                return Ok(Uploaded {
+                let up = Uploaded {
                     url: job.url.clone(),
                     etag: c.etag,
                     crc64nvme: c.crc64nvme,
                     blake3: c.blake3.and_then(|h| blake3::Hash::from_hex(h).ok()),
                     copied_bytes: job.parts.copied_bytes,
                     uploaded_bytes: job.parts.uploaded_bytes,
-                });
+                };
+                // The crash may have come before the sidecar was written.
+                put_sidecar(rule, job, &out, &rt, &up)?;
+                return Ok(up);
             }
             Resume::Upload { id, parts, file } => {
                 tracing::info!(job_id = %ctx.job_id, upload_id = %id, kept_parts = parts.len(), "resuming the recorded upload");
@@ -445,14 +448,7 @@ pub fn run(
     );
     match outcome {
         Ok(mut up) => {
-            if rule.checksum_file
-                && let Some(hash) = &up.blake3
-            {
-                let name = job.key.rsplit('/').next().unwrap_or(&job.key);
-                let line = crate::checksum::sidecar_line(hash, name);
-                rt.block_on(out.put_small(&sidecar_key, line.into_bytes()))
-                    .map_err(|f| store(f, "PutObject of the .b3"))?;
-            }
+            put_sidecar(rule, job, &out, &rt, &up)?;
             up.url = job.url.clone();
             tracing::info!(job_id = %ctx.job_id, output = %job.url, etag = %up.etag, "upload completed");
             Ok(up)
@@ -470,6 +466,25 @@ pub fn run(
             Err(e)
         }
     }
+}
+
+/// The `<key>.b3` object (b3sum format, like a local sidecar), when the rule wants one and the
+/// output's BLAKE3 is known. Written after the completion: an object store has no rename that
+/// would publish both at once, so a reader may see the object a moment before its `.b3`.
+fn put_sidecar(
+    rule: &crate::config::Rule,
+    job: &S3Job,
+    out: &S3Output,
+    rt: &tokio::runtime::Handle,
+    up: &Uploaded,
+) -> Result<(), JobError> {
+    let (true, Some(hash)) = (rule.checksum_file, &up.blake3) else {
+        return Ok(());
+    };
+    let name = job.key.rsplit('/').next().unwrap_or(&job.key);
+    let line = crate::checksum::sidecar_line(hash, name);
+    rt.block_on(out.put_small(&format!("{}.b3", job.key), line.into_bytes()))
+        .map_err(|f| JobError::Output(f.into_output(&job.url, "PutObject of the .b3")))
 }
 
 #[derive(Clone, Copy)]

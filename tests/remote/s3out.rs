@@ -415,6 +415,12 @@ fn failures_leave_no_upload_and_no_object() {
         ["s3://bkt/data/o.bin", "s3://bkt/data/o.bin", server.url("lie/x.bin")]}));
     assert_eq!(r["error"]["kind"], "too_large", "{r}");
     assert_eq!(store.creates(), 0, "too_large is found before any upload");
+    let m = job.manifest(serde_json::json!({"output": "f.bin", "sources":
+        ["s3://bkt/data/o.bin", "s3://bkt/data/o.bin"]}));
+    let out = job.concatd(&["plan", "--json"], &m);
+    assert_eq!(out.status.code(), Some(1));
+    let refused: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(refused["error"]["kind"], "too_large", "{refused}");
 
     // A source failing after the upload was created (its server sends half the bytes it
     // announces): the job fails remote_failed and aborts the upload.
@@ -603,6 +609,8 @@ mod crash {
         let got = store.get("out/crash.bin").unwrap();
         assert!(got == want, "{point}: object differs");
         assert_eq!(r["blake3"], b3(&want), "{point}: {r}");
+        let sidecar = store.get("out/crash.bin.b3").map(String::from_utf8);
+        assert_eq!(sidecar, Some(Ok(format!("{}  crash.bin\n", b3(&want)))), "{point}");
         assert_eq!(r["etag"], store.head("out/crash.bin").0, "{point}: {r}");
         assert_eq!(store.uploads(), 0, "{point}: an upload left billing");
         // The restart resumed (or recognised) the first run's upload: no second one created.
