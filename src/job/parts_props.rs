@@ -86,16 +86,14 @@ fn brute_force(segments: &[Segment], limits: &Limits) -> Option<(u64, u64)> {
                 continue;
             }
             let top = n.min(a + limits.max_part as usize);
-            for b in a + 1..=top {
+            for (b, row) in best.iter_mut().enumerate().take(top + 1).skip(a + 1) {
                 let len = (b - a) as u64;
                 if len < limits.min_part && b != n {
                     continue;
                 }
                 let copy = holder[a].is_some_and(|end| b <= end);
                 let cost = here + if copy { 0 } else { len };
-                if cost < best[b][k + 1] {
-                    best[b][k + 1] = cost;
-                }
+                row[k + 1] = row[k + 1].min(cost);
             }
         }
     }
