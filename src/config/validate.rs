@@ -386,15 +386,13 @@ impl<'a> Validator<'a> {
             }
         };
         let output_root = match raw.output_root {
-            Some(o) if o.starts_with("s3://") => OutputRoot::S3(
-                s3_root(&o).unwrap_or_else(|m| {
-                    self.issue(r, "output_root", m);
-                    S3Root {
-                        bucket: String::new(),
-                        prefix: String::new(),
-                    }
-                }),
-            ),
+            Some(o) if o.starts_with("s3://") => OutputRoot::S3(s3_root(&o).unwrap_or_else(|m| {
+                self.issue(r, "output_root", m);
+                S3Root {
+                    bucket: String::new(),
+                    prefix: String::new(),
+                }
+            })),
             Some(o) => OutputRoot::Local(self.folder(&label, "output_root", &o)),
             None => {
                 self.issue(

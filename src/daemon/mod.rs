@@ -183,11 +183,14 @@ async fn sweep_orphans(rule: SharedRule, stop: CancellationToken) {
     loop {
         let current = rule.read().expect("rule lock").clone();
         let span = tracing::info_span!("rule", rule = %current.name);
-        let swept =
-            tokio::task::spawn_blocking(move || span.in_scope(|| crate::job::upload::sweep_orphans(&current)))
-                .await;
+        let swept = tokio::task::spawn_blocking(move || {
+            span.in_scope(|| crate::job::upload::sweep_orphans(&current))
+        })
+        .await;
         match swept {
-            Ok(Err(e)) => tracing::warn!(error = %e, "the sweep of orphaned uploads failed; next try later"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the sweep of orphaned uploads failed; next try later")
+            }
             Ok(Ok(n)) if n > 0 => tracing::info!(aborted = n, "orphaned uploads aborted"),
             _ => {}
         }

@@ -30,9 +30,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::config::{OutputRoot, Rule, WriteMode};
 use crate::manifest::{Manifest, ManifestError, Origin};
 use crate::output::{OutputError, OutputTarget, Publish, PublishStep, Renames};
-use crate::result::{
-    ErrorKind, JobResult, Problem, Published, PublishedS3, ResultError, ResultHead, Timing,
-};
+use crate::result::{ErrorKind, JobResult, Problem, Published, ResultError, ResultHead, Timing};
 use crate::source::{SourceError, Sources};
 
 /// Why a job failed.
@@ -269,25 +267,7 @@ pub fn run_from(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> JobRe
             done,
             size,
             sources,
-        }) => {
-            tracing::info!(
-                job_id = %ctx.job_id, manifest = %head.manifest, output = %done.url,
-                bytes = size, sources, etag = %done.etag, copied_bytes = done.copied_bytes,
-                uploaded_bytes = done.uploaded_bytes, ms = timing.duration.as_millis() as u64,
-                "published"
-            );
-            let done = PublishedS3 {
-                url: done.url,
-                size,
-                blake3: done.blake3.map(|h| h.to_hex().to_string()),
-                sources,
-                etag: done.etag,
-                crc64nvme: done.crc64nvme,
-                copied_bytes: done.copied_bytes,
-                uploaded_bytes: done.uploaded_bytes,
-            };
-            JobResult::uploaded(head, timing, done)
-        }
+        }) => upload::result(&ctx.job_id, head, timing, done, size, sources),
         Err(e) => {
             tracing::warn!(
                 job_id = %ctx.job_id, manifest = %head.manifest, kind = %e.kind(),
@@ -397,7 +377,9 @@ pub fn prepare<'a>(
     let local_root = match &rule.output_root {
         OutputRoot::Local(root) => root.as_path(),
         OutputRoot::S3(root) => {
-            return prepare_s3(rule, job_id, root, manifest, overwrite, refusals, cancel, observe);
+            return upload::prepare(
+                rule, job_id, root, manifest, overwrite, refusals, cancel, observe,
+            );
         }
     };
     let target = match phase {
@@ -463,85 +445,6 @@ pub fn prepare<'a>(
             Err(problems)
         }
     }
-}
-
-/// The planning phase of an S3 output: the key checked, every source planned (and kept, to
-/// build the parts from), the parts planned. Whether the key exists is asked by the run, just
-/// before it creates the upload (and the completion is conditional).
-#[allow(clippy::too_many_arguments)]
-fn prepare_s3<'a>(
-    rule: &Rule,
-    job_id: &str,
-    root: &crate::config::S3Root,
-    manifest: Manifest,
-    overwrite: bool,
-    refusals: Refusals,
-    cancel: Option<&'a AtomicBool>,
-    observe: &mut dyn FnMut(&Planned),
-) -> Result<Prepared<'a>, Vec<JobError>> {
-    let mut problems: Vec<JobError> = Vec::new();
-    let key = crate::output::s3::key_for(root, &manifest.output);
-    if let Err(e) = &key {
-        let e = JobError::Output(match e {
-            OutputError::NotAllowed { output, reason } => OutputError::NotAllowed {
-                output: output.clone(),
-                reason: reason.clone(),
-            },
-            other => OutputError::NotAllowed {
-                output: manifest.output.clone(),
-                reason: other.to_string(),
-            },
-        });
-        if refusals == Refusals::First {
-            return Err(vec![e]);
-        }
-        problems.push(e);
-    }
-    let sources = match Sources::with_cancel(rule, cancel) {
-        Ok(sources) => sources,
-        Err(source) => {
-            problems.push(JobError::Sources { source });
-            return Err(problems);
-        }
-    };
-    let mut recs = Vec::new();
-    let mut keep = |p: &Planned| {
-        recs.push(upload::Rec {
-            number: p.number,
-            location: p.spec.location.clone(),
-            offset: p.offset,
-            len: p.len,
-            out_start: p.output_offset,
-            pin: p.probe.pin,
-        });
-        observe(p);
-    };
-    let plan = plan::build(&manifest, &sources, rule.max_output_size, refusals, &mut keep);
-    let plan = match plan {
-        Ok(plan) => plan,
-        Err(more) => {
-            problems.extend(more);
-            return Err(problems);
-        }
-    };
-    if !problems.is_empty() {
-        return Err(problems);
-    }
-    let job = upload::plan(root, &manifest.output, recs, &sources).map_err(|e| vec![e])?;
-    tracing::info!(
-        job_id = %job_id, sources = plan.count(), bytes = plan.total, output = %job.url,
-        parts = job.parts.parts.len(), copied_bytes = job.parts.copied_bytes,
-        uploaded_bytes = job.parts.uploaded_bytes, "planned"
-    );
-    Ok(Prepared {
-        manifest,
-        target: None,
-        output: PathBuf::from(&job.url),
-        overwrite,
-        sources,
-        plan,
-        s3: Some(job),
-    })
 }
 
 /// A long copy says how far it is this often (one line: a job's log stays short whatever its

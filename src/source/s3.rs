@@ -133,7 +133,9 @@ impl S3Client {
             // A composite checksum (of parts) does not combine with lengths.
             crc64nvme: out
                 .checksum_crc64_nvme()
-                .filter(|_| out.checksum_type() != Some(&aws_sdk_s3::types::ChecksumType::Composite))
+                .filter(|_| {
+                    out.checksum_type() != Some(&aws_sdk_s3::types::ChecksumType::Composite)
+                })
                 .map(str::to_owned),
         })
     }

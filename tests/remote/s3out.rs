@@ -189,7 +189,12 @@ impl S3Job {
     fn plan(&self, body: Value) -> Value {
         let m = self.manifest(body);
         let out = self.concatd(&["plan", "--json"], &m);
-        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 }
@@ -236,25 +241,38 @@ fn s3_to_s3_is_copied_inside_the_store_with_no_get() {
     assert!(parts(&plan).iter().all(|p| p["op"] == "copy"), "{plan}");
     assert_eq!(plan["output"], "s3://bkt/out/day/merged.bin");
     check_parts(&plan);
-    assert_eq!(store.requests("POST /bkt/out/"), 0, "plan created an upload");
+    assert_eq!(
+        store.requests("POST /bkt/out/"),
+        0,
+        "plan created an upload"
+    );
 
     let r = job.once(manifest);
     assert_eq!(r["status"], "succeeded", "{r}");
     assert_eq!(r["output"], "s3://bkt/out/day/merged.bin");
     assert_eq!(r["copied_bytes"], 18 * MIB, "{r}");
     assert_eq!(r["uploaded_bytes"], 0, "{r}");
-    assert!(r.get("blake3").is_none(), "no byte passed, verify auto: {r}");
+    assert!(
+        r.get("blake3").is_none(),
+        "no byte passed, verify auto: {r}"
+    );
     // Not a single byte of a source through this host.
     assert_eq!(store.requests("GET /bkt/data/"), 0, "a source was read");
     assert_eq!(store.requests("UploadPartCopy"), 3);
     let want: Vec<u8> = objects.concat();
-    assert!(store.get("out/day/merged.bin").unwrap() == want, "object differs");
+    assert!(
+        store.get("out/day/merged.bin").unwrap() == want,
+        "object differs"
+    );
     let (etag, crc) = store.head("out/day/merged.bin");
     assert_eq!(r["etag"], etag, "{r}");
     assert!(!crc.is_empty(), "moto kept no CRC64NVME");
     assert_eq!(r["crc64nvme"], crc, "{r}");
     assert_eq!(store.uploads(), 0);
-    assert!(store.get("out/day/merged.bin.b3").is_none(), "a .b3 without a BLAKE3");
+    assert!(
+        store.get("out/day/merged.bin.b3").is_none(),
+        "a .b3 without a BLAKE3"
+    );
 }
 
 #[test]
@@ -294,22 +312,37 @@ fn mixed_local_http_and_s3_with_read_back_and_a_range_across_parts() {
     // The ranged source lies in more than one part: the upload borrowed its head to reach 5 MiB.
     let holding_4 = items
         .iter()
-        .filter(|p| p["sources"].as_array().unwrap().iter().any(|s| s["number"] == 4))
+        .filter(|p| {
+            p["sources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["number"] == 4)
+        })
         .count();
     assert!(holding_4 >= 2, "{plan}");
-    let through: u64 = items.iter().map(|p| p["bytes_through_host"].as_u64().unwrap()).sum();
+    let through: u64 = items
+        .iter()
+        .map(|p| p["bytes_through_host"].as_u64().unwrap())
+        .sum();
     assert_eq!(plan["parts"]["bytes_through_host"], through);
 
     let r = job.once(manifest);
     assert_eq!(r["status"], "succeeded", "{r}");
     assert_eq!(r["size"], want.len(), "{r}");
-    assert_eq!(r["uploaded_bytes"], plan["parts"]["bytes_through_host"], "{r}");
+    assert_eq!(
+        r["uploaded_bytes"], plan["parts"]["bytes_through_host"],
+        "{r}"
+    );
     assert_eq!(r["copied_bytes"], plan["parts"]["copied_bytes"], "{r}");
     let got = store.get("out/mix.bin").unwrap();
     assert!(got == want, "object differs");
     assert_eq!(r["blake3"], b3(&got), "{r}");
     let sidecar = store.get("out/mix.bin.b3").unwrap();
-    assert_eq!(String::from_utf8(sidecar).unwrap(), format!("{}  mix.bin\n", b3(&want)));
+    assert_eq!(
+        String::from_utf8(sidecar).unwrap(),
+        format!("{}  mix.bin\n", b3(&want))
+    );
     // A ranged copy breaks the combination of stored checksums: no crc64nvme is claimed.
     assert!(r.get("crc64nvme").is_none(), "{r}");
     assert_eq!(store.head("out/mix.bin").0, r["etag"].as_str().unwrap());
@@ -362,7 +395,8 @@ fn overwrite_false_refuses_and_keeps_the_old_object() {
     let job = S3Job::new(&store, &[server.url("trickle/")], "");
 
     // Seen before any upload: refused at once.
-    let r = job.once(serde_json::json!({"output": "taken.bin", "sources": ["s3://bkt/data/o.bin"]}));
+    let r =
+        job.once(serde_json::json!({"output": "taken.bin", "sources": ["s3://bkt/data/o.bin"]}));
     assert_eq!(r["error"]["kind"], "output_exists", "{r}");
     assert_eq!(store.get("out/taken.bin").unwrap(), b"the old object");
     assert_eq!(store.creates(), 0);
@@ -408,7 +442,11 @@ fn failures_leave_no_upload_and_no_object() {
     let o = data(6 * MIB, 9);
     store.put("data/o.bin", &o);
     server.put("x.bin", data(200_000, 10));
-    let job = S3Job::new(&store, &[server.url("lie/")], "    max_output_size: 10MiB\n");
+    let job = S3Job::new(
+        &store,
+        &[server.url("lie/")],
+        "    max_output_size: 10MiB\n",
+    );
 
     // Past max_output_size: refused before any upload.
     let r = job.once(serde_json::json!({"output": "f.bin", "sources":
@@ -432,13 +470,20 @@ fn failures_leave_no_upload_and_no_object() {
     assert!(store.get("out/f.bin").is_none());
 
     // expect.blake3 implies read_back: a mismatch is found before the completion.
-    let r = job.once(serde_json::json!({"output": "f.bin", "sources": ["s3://bkt/data/o.bin"],
-        "expect": {"blake3": b3(b"something else")}}));
+    let r = job.once(
+        serde_json::json!({"output": "f.bin", "sources": ["s3://bkt/data/o.bin"],
+        "expect": {"blake3": b3(b"something else")}}),
+    );
     assert_eq!(r["error"]["kind"], "checksum_mismatch", "{r}");
-    assert!(store.get("out/f.bin").is_none(), "a wrong object was published");
+    assert!(
+        store.get("out/f.bin").is_none(),
+        "a wrong object was published"
+    );
     assert_eq!(store.uploads(), 0);
-    let r = job.once(serde_json::json!({"output": "f.bin", "sources": ["s3://bkt/data/o.bin"],
-        "expect": {"blake3": b3(&o)}}));
+    let r = job.once(
+        serde_json::json!({"output": "f.bin", "sources": ["s3://bkt/data/o.bin"],
+        "expect": {"blake3": b3(&o)}}),
+    );
     assert_eq!(r["status"], "succeeded", "{r}");
     assert_eq!(r["blake3"], b3(&o), "{r}");
 
@@ -467,10 +512,14 @@ fn check_validates_s3_output_roots_and_verify() {
         .arg(&rules)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(text.contains("rule 'a': key 'output_root'"), "{text}");
-    assert!(text.contains("rule 'a': key 'verify': 'always' is not one of auto, read_back"), "{text}");
+    assert!(
+        text.contains("rule 'a': key 'verify': 'always' is not one of auto, read_back"),
+        "{text}"
+    );
     assert!(text.contains("rule 'b': key 'output_root'"), "{text}");
     std::fs::create_dir(dir.path().join("in2")).unwrap();
     std::fs::write(
@@ -483,7 +532,12 @@ fn check_validates_s3_output_roots_and_verify() {
         .arg(&rules)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Uploads under the prefix that no job owns are aborted by the daemon's sweep.
@@ -511,7 +565,11 @@ fn the_daemon_aborts_orphaned_uploads_under_its_prefix() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let left = store.py("print(s3.list_multipart_uploads(Bucket='bkt')['Uploads'][0]['Key'])");
-    assert_eq!(left.trim(), "elsewhere/not-ours.bin", "outside the prefix: not ours");
+    assert_eq!(
+        left.trim(),
+        "elsewhere/not-ours.bin",
+        "outside the prefix: not ours"
+    );
     let _ = daemon.kill();
     let _ = daemon.wait();
 }
@@ -539,7 +597,11 @@ mod crash {
     fn results(job: &S3Job) -> Vec<Value> {
         let mut all = Vec::new();
         for folder in ["in/done", "in/failed"] {
-            for e in std::fs::read_dir(job.path(folder)).into_iter().flatten().flatten() {
+            for e in std::fs::read_dir(job.path(folder))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if name.ends_with(".result.json") {
                     all.push(serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap());
@@ -572,7 +634,9 @@ mod crash {
         let first = job.path("first.stderr");
         let mut child = daemon(&job, Some(point), &first);
         let log = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
-        wait_for("ready", Duration::from_secs(20), || log(&first).contains(" ready"));
+        wait_for("ready", Duration::from_secs(20), || {
+            log(&first).contains(" ready")
+        });
         let m = serde_json::json!({"output": "crash.bin",
             "sources": ["l.bin", "s3://bkt/data/a.bin", "s3://bkt/data/b.bin"]});
         std::fs::write(job.path("in/.m.json.tmp"), m.to_string()).unwrap();
@@ -592,14 +656,23 @@ mod crash {
         };
         assert!(!status.success(), "{point}");
         let name = point.split('@').next().unwrap();
-        assert!(log(&first).contains(&format!("crash point {name}")), "{point}: {}", log(&first));
-        assert!(results(&job).is_empty(), "{point}: a result before the restart");
+        assert!(
+            log(&first).contains(&format!("crash point {name}")),
+            "{point}: {}",
+            log(&first)
+        );
+        assert!(
+            results(&job).is_empty(),
+            "{point}: a result before the restart"
+        );
         let created = store.creates();
         assert_eq!(created, 1, "{point}");
 
         let second = job.path("second.stderr");
         let mut child = daemon(&job, None, &second);
-        wait_for("the result", Duration::from_secs(30), || !results(&job).is_empty());
+        wait_for("the result", Duration::from_secs(30), || {
+            !results(&job).is_empty()
+        });
         let _ = child.kill();
         let _ = child.wait();
         let all = results(&job);
@@ -610,7 +683,11 @@ mod crash {
         assert!(got == want, "{point}: object differs");
         assert_eq!(r["blake3"], b3(&want), "{point}: {r}");
         let sidecar = store.get("out/crash.bin.b3").map(String::from_utf8);
-        assert_eq!(sidecar, Some(Ok(format!("{}  crash.bin\n", b3(&want)))), "{point}");
+        assert_eq!(
+            sidecar,
+            Some(Ok(format!("{}  crash.bin\n", b3(&want)))),
+            "{point}"
+        );
         assert_eq!(r["etag"], store.head("out/crash.bin").0, "{point}: {r}");
         assert_eq!(store.uploads(), 0, "{point}: an upload left billing");
         // The restart resumed (or recognised) the first run's upload: no second one created.
@@ -618,7 +695,10 @@ mod crash {
         let resumed = log(&second);
         match name {
             "s3-after-complete" => assert!(resumed.contains("recognised by its ETag"), "{resumed}"),
-            _ => assert!(resumed.contains("resuming the recorded upload"), "{resumed}"),
+            _ => assert!(
+                resumed.contains("resuming the recorded upload"),
+                "{resumed}"
+            ),
         }
     }
 

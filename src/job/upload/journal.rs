@@ -183,7 +183,10 @@ pub fn resume(
     let listed = match rt.block_on(out.list_parts(&upload_id)) {
         Err(f) if f.code == crate::output::s3::UNREADABLE => {
             tracing::warn!(job_id = %ctx.job_id, upload_id = %upload_id, "the store's ListParts answer cannot be read: trusting the recorded parts (the completion checks their ETags)");
-            let recorded = completing.as_ref().map(|c| c.parts.clone()).unwrap_or_else(|| parts.clone());
+            let recorded = completing
+                .as_ref()
+                .map(|c| c.parts.clone())
+                .unwrap_or_else(|| parts.clone());
             Some(recorded)
         }
         listed => listed.map_err(|f| store(f, "ListParts"))?,
@@ -209,7 +212,11 @@ pub fn resume(
             let recorded = completing.map(|c| c.parts).unwrap_or(parts);
             let kept = recorded
                 .into_iter()
-                .filter(|p| in_store.iter().any(|s| s.number == p.number && s.etag == p.etag))
+                .filter(|p| {
+                    in_store
+                        .iter()
+                        .any(|s| s.number == p.number && s.etag == p.etag)
+                })
                 .collect();
             let file = Journal::open(path).map_err(JobError::Journal)?;
             Ok(Resume::Upload {

@@ -49,7 +49,9 @@ pub fn sweep_orphans(rule: &Rule) -> Result<usize, String> {
             continue;
         }
         // Without an initiation time the upload is taken as old: the store would bill it forever.
-        if u.initiated.is_some_and(|t| now - t < grace().as_secs() as i64) {
+        if u.initiated
+            .is_some_and(|t| now - t < grace().as_secs() as i64)
+        {
             continue;
         }
         match clients

@@ -1,0 +1,296 @@
+//! An S3 output's layout: its sources kept from planning, the segments the part planner sees
+//! (one per `s3://` source, one per run of other sources), where each segment's bytes come from,
+//! and what can be known of the output's checksums before a byte moves.
+
+use crc_fast::CrcAlgorithm;
+
+use super::super::parts::{self, Limits, PartKind, PartPlan, Segment};
+use super::super::{JobError, Plan};
+use crate::config::S3Root;
+use crate::manifest::Location;
+use crate::output::s3::key_for;
+use crate::source::{Pin, PinDetail, Sources};
+
+/// One source of an S3 output's job, as planning measured it.
+#[derive(Debug, Clone)]
+pub struct Rec {
+    pub number: u64,
+    pub location: Location,
+    /// Range taken of the source.
+    pub offset: u64,
+    pub len: u64,
+    /// Where its bytes start in the output.
+    pub out_start: u64,
+    pub pin: Pin,
+}
+
+/// Where a segment's bytes come from.
+#[derive(Debug, Clone)]
+pub enum SegFrom {
+    /// One `s3://` source (index into [`S3Job::recs`]), copyable inside the store.
+    Copy {
+        rec: usize,
+        bucket: String,
+        key: String,
+        version_id: Option<String>,
+        etag: Option<String>,
+        /// The object's stored full-object CRC64NVME, when the whole object is taken.
+        crc64nvme: Option<u64>,
+    },
+    /// Sources read through this host.
+    Upload,
+}
+
+/// An S3 output's plan: where it lands and its parts.
+#[derive(Debug)]
+pub struct S3Job {
+    pub bucket: String,
+    pub key: String,
+    /// `s3://bucket/key`.
+    pub url: String,
+    pub recs: Vec<Rec>,
+    pub segments: Vec<Segment>,
+    /// Output offset where each segment starts.
+    pub seg_start: Vec<u64>,
+    pub from: Vec<SegFrom>,
+    pub parts: PartPlan,
+}
+
+impl S3Job {
+    /// The sources whose bytes lie in the output range `[start, start + len)`, with the range
+    /// of each taken: `(rec, offset in the source, length)`.
+    pub fn sources_in(&self, start: u64, len: u64) -> Vec<(usize, u64, u64)> {
+        let end = start + len;
+        let first = self.recs.partition_point(|r| r.out_start + r.len <= start);
+        let mut out = Vec::new();
+        for (i, r) in self.recs.iter().enumerate().skip(first) {
+            if r.out_start >= end {
+                break;
+            }
+            if r.len == 0 {
+                continue;
+            }
+            let from = start.max(r.out_start);
+            let to = end.min(r.out_start + r.len);
+            out.push((i, r.offset + (from - r.out_start), to - from));
+        }
+        out
+    }
+
+    /// The full-object CRC64NVME of the output, if it can be known without reading copied bytes:
+    /// every segment with copied bytes is copied whole, from an object whose stored checksum is
+    /// known. `uploaded` gives an uploaded part's CRC by its index.
+    pub(super) fn full_crc(&self, uploaded: &dyn Fn(usize) -> Option<u64>) -> Option<u64> {
+        let mut acc: Option<(u64, u64)> = None; // (crc, len) so far
+        let mut push = |crc: u64, len: u64| {
+            acc = Some(match acc {
+                None => (crc, len),
+                Some((a, alen)) => (
+                    crc_fast::checksum_combine(CrcAlgorithm::Crc64Nvme, a, crc, len),
+                    alen + len,
+                ),
+            });
+        };
+        let mut i = 0;
+        while i < self.parts.parts.len() {
+            let p = self.parts.parts[i];
+            match p.kind {
+                PartKind::Upload => {
+                    push(uploaded(i)?, p.len);
+                    i += 1;
+                }
+                PartKind::Copy { segment, offset } => {
+                    // Consecutive copy parts of one segment must cover all of it.
+                    let mut covered = p.len;
+                    let mut j = i + 1;
+                    while let Some(q) = self.parts.parts.get(j)
+                        && matches!(q.kind, PartKind::Copy { segment: s, .. } if s == segment)
+                    {
+                        covered += q.len;
+                        j += 1;
+                    }
+                    let SegFrom::Copy { crc64nvme, .. } = &self.from[segment] else {
+                        return None;
+                    };
+                    if offset != 0 || covered != self.segments[segment].len {
+                        return None;
+                    }
+                    push((*crc64nvme)?, covered);
+                    i = j;
+                }
+            }
+        }
+        Some(acc.map_or(crc_fast::checksum(CrcAlgorithm::Crc64Nvme, b""), |(c, _)| c))
+    }
+
+    /// Whether a full-object CRC64NVME can be known (asked before any byte is read).
+    pub fn crc_knowable(&self) -> bool {
+        self.full_crc(&|_| Some(0)).is_some()
+    }
+
+    /// What the bytes of the output and its parts follow from: the sources' fingerprint, the key
+    /// and every part. A recorded upload is resumed only under the same one.
+    pub fn fingerprint(&self, plan: &Plan) -> String {
+        let mut h = blake3::Hasher::new();
+        h.update(plan.fingerprint().as_bytes());
+        h.update(self.url.as_bytes()).update(b"\0");
+        for p in &self.parts.parts {
+            h.update(&p.number.to_le_bytes())
+                .update(&p.start.to_le_bytes())
+                .update(&p.len.to_le_bytes());
+            match p.kind {
+                PartKind::Upload => h.update(b"u"),
+                PartKind::Copy { segment, offset } => h
+                    .update(b"c")
+                    .update(&(segment as u64).to_le_bytes())
+                    .update(&offset.to_le_bytes()),
+            };
+        }
+        h.finalize().to_hex().to_string()
+    }
+}
+
+/// Plan an S3 output for `output` under `root` from the planned sources `recs`.
+pub fn plan(
+    root: &S3Root,
+    output: &str,
+    recs: Vec<Rec>,
+    sources: &Sources,
+) -> Result<S3Job, JobError> {
+    let key = key_for(root, output)?;
+    let mut segments: Vec<Segment> = Vec::new();
+    let mut seg_start = Vec::new();
+    let mut from = Vec::new();
+    for (i, r) in recs.iter().enumerate() {
+        if r.len == 0 {
+            continue;
+        }
+        let copy = match &r.location {
+            Location::Url(u) if u.starts_with("s3://") => s3_object(u).and_then(|(bucket, key)| {
+                let Some(PinDetail::Remote(v)) = sources.describe(&r.location, r.pin) else {
+                    return None;
+                };
+                let whole = r.offset == 0 && r.len == v.size;
+                Some(SegFrom::Copy {
+                    rec: i,
+                    bucket,
+                    key,
+                    version_id: v.version_id.clone(),
+                    etag: v.etag.clone(),
+                    crc64nvme: whole
+                        .then(|| v.crc64nvme.as_deref().and_then(crc_from_base64))
+                        .flatten(),
+                })
+            }),
+            _ => None,
+        };
+        match copy {
+            Some(c) => {
+                segments.push(Segment {
+                    len: r.len,
+                    copyable: true,
+                });
+                seg_start.push(r.out_start);
+                from.push(c);
+            }
+            None => match (segments.last_mut(), from.last()) {
+                (Some(s), Some(SegFrom::Upload)) => s.len += r.len,
+                _ => {
+                    segments.push(Segment {
+                        len: r.len,
+                        copyable: false,
+                    });
+                    seg_start.push(r.out_start);
+                    from.push(SegFrom::Upload);
+                }
+            },
+        }
+    }
+    let parts = parts::plan_parts(&segments, &Limits::S3).map_err(|e| match e {
+        parts::PartsError::TooLarge { .. } => JobError::TooLarge {
+            message: e.to_string(),
+        },
+    })?;
+    Ok(S3Job {
+        url: root.url(&key),
+        bucket: root.bucket.clone(),
+        key,
+        recs,
+        segments,
+        seg_start,
+        from,
+        parts,
+    })
+}
+
+/// Bucket and key of an `s3://` URL (the planner already checked it against the policy).
+fn s3_object(text: &str) -> Option<(String, String)> {
+    let url = url::Url::parse(text).ok()?;
+    crate::config::urls::bucket_and_key(&url)
+}
+
+/// A CRC64NVME as S3 writes it: base64 of its 8 big-endian bytes.
+pub fn crc_to_base64(crc: u64) -> String {
+    base64(&crc.to_be_bytes())
+}
+
+fn crc_from_base64(text: &str) -> Option<u64> {
+    let raw = unbase64(text)?;
+    Some(u64::from_be_bytes(raw.try_into().ok()?))
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+fn base64(raw: &[u8]) -> String {
+    let mut out = String::new();
+    for chunk in raw.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for k in 0..4 {
+            if k <= chunk.len() {
+                out.push(B64[(n >> (18 - 6 * k)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn unbase64(text: &str) -> Option<Vec<u8>> {
+    let mut bits = 0u32;
+    let mut n = 0;
+    let mut out = Vec::new();
+    for c in text.trim_end_matches('=').bytes() {
+        let v = B64.iter().position(|&b| b == c)? as u32;
+        bits = (bits << 6) | v;
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            out.push((bits >> n) as u8);
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_round_trips_and_matches_s3s_form() {
+        // CRC64NVME of "123456789" is 0xae8b14860a799888 (the check value of the algorithm).
+        let crc = crc_fast::checksum(CrcAlgorithm::Crc64Nvme, b"123456789");
+        assert_eq!(crc, 0xae8b_1486_0a79_9888);
+        let b = crc_to_base64(crc);
+        assert_eq!(b, "rosUhgp5mIg=");
+        assert_eq!(crc_from_base64(&b), Some(crc));
+        for raw in [&b""[..], b"a", b"ab", b"abc", b"abcd"] {
+            assert_eq!(unbase64(&base64(raw)).unwrap(), raw);
+        }
+    }
+}
