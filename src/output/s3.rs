@@ -186,35 +186,7 @@ impl S3Output {
 
     /// The object now at `key` (checksum mode on), or `None`.
     pub async fn head(&self, key: &str) -> Result<Option<Head>, StoreFailure> {
-        let got = self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .checksum_mode(ChecksumMode::Enabled)
-            .send()
-            .await;
-        match got {
-            Ok(out) => Ok(Some(Head {
-                etag: out.e_tag().map(str::to_owned),
-                size: out
-                    .content_length()
-                    .and_then(|n| u64::try_from(n).ok())
-                    .unwrap_or(0),
-                crc64nvme: out
-                    .checksum_crc64_nvme()
-                    .filter(|_| out.checksum_type() != Some(&ChecksumType::Composite))
-                    .map(str::to_owned),
-            })),
-            Err(e) => {
-                let f = StoreFailure::of(e);
-                if f.status == Some(404) {
-                    Ok(None)
-                } else {
-                    Err(f)
-                }
-            }
-        }
+        head_object(&self.client, &self.bucket, key, None).await
     }
 
     /// CreateMultipartUpload; with `full_crc`, the upload carries a full-object CRC64NVME that
@@ -449,6 +421,44 @@ impl S3Output {
             .await
             .map_err(StoreFailure::of)?;
         Ok(())
+    }
+}
+
+/// HeadObject of `bucket/key` (that version, if given) with checksum mode on, or `None`.
+pub async fn head_object(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    version_id: Option<&str>,
+) -> Result<Option<Head>, StoreFailure> {
+    let got = client
+        .head_object()
+        .bucket(bucket)
+        .key(key)
+        .set_version_id(version_id.map(str::to_owned))
+        .checksum_mode(ChecksumMode::Enabled)
+        .send()
+        .await;
+    match got {
+        Ok(out) => Ok(Some(Head {
+            etag: out.e_tag().map(str::to_owned),
+            size: out
+                .content_length()
+                .and_then(|n| u64::try_from(n).ok())
+                .unwrap_or(0),
+            crc64nvme: out
+                .checksum_crc64_nvme()
+                .filter(|_| out.checksum_type() != Some(&ChecksumType::Composite))
+                .map(str::to_owned),
+        })),
+        Err(e) => {
+            let f = StoreFailure::of(e);
+            if f.status == Some(404) {
+                Ok(None)
+            } else {
+                Err(f)
+            }
+        }
     }
 }
 

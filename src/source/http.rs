@@ -112,7 +112,6 @@ impl HttpClient {
             })?;
         let etag = text(h, header::ETAG).filter(|e| e.starts_with('"'));
         Ok(Version {
-            crc64nvme: None,
             size,
             etag,
             last_modified: text(h, header::LAST_MODIFIED),
@@ -151,7 +150,6 @@ impl HttpClient {
             )
         })?;
         Ok(Version {
-            crc64nvme: None,
             size,
             etag: text(h, header::ETAG).filter(|e| e.starts_with('"')),
             last_modified: text(h, header::LAST_MODIFIED),

@@ -30,9 +30,6 @@ pub struct Version {
     pub last_modified: Option<String>,
     /// S3 version id, when the bucket is versioned.
     pub version_id: Option<String>,
-    /// S3: the object's stored full-object CRC64NVME (base64), when it keeps one (S3 outputs
-    /// combine these instead of reading copied bytes).
-    pub crc64nvme: Option<String>,
 }
 
 impl Version {

@@ -92,7 +92,6 @@ impl S3Client {
             .head_object()
             .bucket(bucket)
             .key(key)
-            .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
             .send()
             .await
             .map_err(|e| sdk_failure(what, e))?;
@@ -129,13 +128,6 @@ impl S3Client {
             version_id: out
                 .version_id()
                 .filter(|v| !v.is_empty() && *v != "null")
-                .map(str::to_owned),
-            // A composite checksum (of parts) does not combine with lengths.
-            crc64nvme: out
-                .checksum_crc64_nvme()
-                .filter(|_| {
-                    out.checksum_type() != Some(&aws_sdk_s3::types::ChecksumType::Composite)
-                })
                 .map(str::to_owned),
         })
     }

@@ -34,7 +34,9 @@ pub enum SegFrom {
         key: String,
         version_id: Option<String>,
         etag: Option<String>,
-        /// The object's stored full-object CRC64NVME, when the whole object is taken.
+        /// The whole object is taken (no range).
+        whole: bool,
+        /// The object's stored full-object CRC64NVME, when it is copied whole and known.
         crc64nvme: Option<u64>,
     },
     /// Sources read through this host.
@@ -170,16 +172,14 @@ pub fn plan(
                 let Some(PinDetail::Remote(v)) = sources.describe(&r.location, r.pin) else {
                     return None;
                 };
-                let whole = r.offset == 0 && r.len == v.size;
                 Some(SegFrom::Copy {
                     rec: i,
                     bucket,
                     key,
                     version_id: v.version_id.clone(),
                     etag: v.etag.clone(),
-                    crc64nvme: whole
-                        .then(|| v.crc64nvme.as_deref().and_then(crc_from_base64))
-                        .flatten(),
+                    whole: r.offset == 0 && r.len == v.size,
+                    crc64nvme: None,
                 })
             }),
             _ => None,
@@ -211,7 +211,7 @@ pub fn plan(
             message: e.to_string(),
         },
     })?;
-    Ok(S3Job {
+    let mut job = S3Job {
         url: root.url(&key),
         bucket: root.bucket.clone(),
         key,
@@ -220,7 +220,69 @@ pub fn plan(
         seg_start,
         from,
         parts,
-    })
+    };
+    stored_checksums(&mut job, sources);
+    Ok(job)
+}
+
+/// Learn the stored full-object CRC64NVME of every object copied whole, when each copied byte
+/// belongs to one (else no CRC of the output is knowable without reading copied bytes, and no
+/// request is made). Asked by a HEAD with checksum mode here, not when the source is probed: on
+/// AWS that mode needs `kms:Decrypt` for SSE-KMS objects, which a rule with local outputs must
+/// not start to require. A HEAD that fails, or finds another ETag than the pinned one, leaves
+/// the CRC unknown (the copy itself is pinned by `x-amz-copy-source-if-match`).
+fn stored_checksums(job: &mut S3Job, sources: &Sources) {
+    let mut copied = vec![0u64; job.segments.len()];
+    for p in &job.parts.parts {
+        if let PartKind::Copy { segment, .. } = p.kind {
+            copied[segment] += p.len;
+        }
+    }
+    let wanted: Vec<usize> = (0..job.segments.len()).filter(|&s| copied[s] > 0).collect();
+    let qualifies = |s: usize| {
+        matches!(&job.from[s], SegFrom::Copy { whole: true, .. })
+            && copied[s] == job.segments[s].len
+    };
+    if !wanted.iter().all(|&s| qualifies(s)) {
+        return;
+    }
+    let Ok(clients) = sources.clients(&job.url) else {
+        return;
+    };
+    let Ok(s3) = clients.s3(&job.url) else {
+        return;
+    };
+    for s in wanted {
+        let SegFrom::Copy {
+            bucket,
+            key,
+            version_id,
+            etag,
+            crc64nvme,
+            ..
+        } = &mut job.from[s]
+        else {
+            continue;
+        };
+        let head = clients.rt().block_on(crate::output::s3::head_object(
+            s3.sdk(),
+            bucket,
+            key,
+            version_id.as_deref(),
+        ));
+        match head {
+            Ok(Some(h)) if h.etag == *etag => {
+                *crc64nvme = h.crc64nvme.as_deref().and_then(crc_from_base64);
+            }
+            other => {
+                tracing::debug!(source = %key, answer = ?other.map(|h| h.map(|h| h.etag)).map_err(|f| f.text), "no stored CRC64NVME");
+                return;
+            }
+        }
+        if crc64nvme.is_none() {
+            return;
+        }
+    }
 }
 
 /// Bucket and key of an `s3://` URL (the planner already checked it against the policy).
