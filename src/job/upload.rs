@@ -109,6 +109,11 @@ pub(super) fn prepare<'a>(
         return Err(problems);
     }
     let job = layout::plan(root, &manifest.output, recs, &sources).map_err(|e| vec![e])?;
+    // `concatd plan` says what a run would find at the key (a run asks again just before it
+    // creates the upload, and completes conditionally).
+    if refusals == Refusals::All && !overwrite {
+        exists_refusal(&job, &sources).map_err(|e| vec![e])?;
+    }
     tracing::info!(
         job_id = %job_id, sources = plan.count(), bytes = plan.total, output = %job.url,
         parts = job.parts.parts.len(), copied_bytes = job.parts.copied_bytes,
@@ -123,6 +128,29 @@ pub(super) fn prepare<'a>(
         plan,
         s3: Some(job),
     })
+}
+
+/// `output_exists` when an object is at the output's key.
+fn exists_refusal(job: &S3Job, sources: &Sources) -> Result<(), JobError> {
+    let setup = |source| JobError::Sources { source };
+    let clients = sources.clients(&job.url).map_err(setup)?;
+    let s3 = clients.s3(&job.url).map_err(setup)?;
+    let head = clients
+        .rt()
+        .block_on(crate::output::s3::head_object(
+            s3.sdk(),
+            &job.bucket,
+            &job.key,
+            None,
+        ))
+        .map_err(|f| JobError::Output(f.into_output(&job.url, "HEAD")))?;
+    match head {
+        Some(_) => Err(OutputError::Exists {
+            path: job.url.clone().into(),
+        }
+        .into()),
+        None => Ok(()),
+    }
 }
 
 /// The result of a job that completed its S3 output, and its log line.

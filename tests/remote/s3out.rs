@@ -373,7 +373,10 @@ fn small_objects_are_coalesced_into_uploaded_parts() {
     let want = objects.concat();
     let got = store.get("out/small.bin").unwrap();
     assert!(got == want, "object differs");
-    assert_eq!(r["uploaded_bytes"], plan["parts"]["bytes_through_host"], "{r}");
+    assert_eq!(
+        r["uploaded_bytes"], plan["parts"]["bytes_through_host"],
+        "{r}"
+    );
     assert_eq!(store.requests("x-id=UploadPart&"), uploads);
     // Uploaded CRCs combined with the stored CRC of any object copied whole: the store's own.
     assert_eq!(plan["parts"]["crc64nvme_known"], true, "{plan}");
@@ -407,6 +410,12 @@ fn overwrite_false_refuses_and_keeps_the_old_object() {
     assert_eq!(r["error"]["kind"], "output_exists", "{r}");
     assert_eq!(store.get("out/taken.bin").unwrap(), b"the old object");
     assert_eq!(store.creates(), 0);
+    let m = job
+        .manifest(serde_json::json!({"output": "taken.bin", "sources": ["s3://bkt/data/o.bin"]}));
+    let out = job.concatd(&["plan", "--json"], &m);
+    assert_eq!(out.status.code(), Some(1));
+    let refused: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(refused["error"]["kind"], "output_exists", "{refused}");
 
     // Appearing while the job runs (its last source trickles for 5 s): the conditional
     // completion answers 412, the job fails output_exists, the racing object stays.
