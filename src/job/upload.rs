@@ -207,7 +207,12 @@ pub fn run(
     let s3 = clients
         .s3(&job.url)
         .map_err(|source| JobError::Sources { source })?;
-    let out = Arc::new(S3Output::new(s3.sdk().clone(), &job.bucket, &job.key));
+    let out = Arc::new(S3Output::new(
+        s3.sdk().clone(),
+        &job.bucket,
+        &job.key,
+        rule.remote.idle_timeout,
+    ));
     let rt = clients.rt().clone();
     let store = |f: StoreFailure, action| JobError::Output(f.into_output(&job.url, action));
     let total = plan.total;

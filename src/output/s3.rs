@@ -5,6 +5,9 @@
 //! SDK's debug dump. Retries are the caller's (`job::upload`), with the rule's settings, because
 //! only the caller knows whether a part's body can be sent again.
 
+use std::time::Duration;
+
+use aws_sdk_s3::config::StalledStreamProtectionConfig;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
@@ -163,6 +166,7 @@ pub struct InProgress {
 /// One object of a rule's store that an output lands at.
 pub struct S3Output {
     client: aws_sdk_s3::Client,
+    stall: Duration,
     pub bucket: String,
     pub key: String,
     /// `s3://bucket/key`, for messages and the result.
@@ -170,9 +174,12 @@ pub struct S3Output {
 }
 
 impl S3Output {
-    pub fn new(client: aws_sdk_s3::Client, bucket: &str, key: &str) -> Self {
+    /// `stall`: how long an uploaded part's body may bring no byte (a slow source) before the
+    /// request is called stalled — the rule's `remote.idle_timeout`, not the SDK's 5 s.
+    pub fn new(client: aws_sdk_s3::Client, bucket: &str, key: &str, stall: Duration) -> Self {
         Self {
             client,
+            stall,
             bucket: bucket.to_owned(),
             key: key.to_owned(),
             url: format!("s3://{bucket}/{key}"),
@@ -233,7 +240,15 @@ impl S3Output {
         if crc {
             call = call.checksum_algorithm(ChecksumAlgorithm::Crc64Nvme);
         }
-        let out = call.send().await.map_err(StoreFailure::of)?;
+        let stall = StalledStreamProtectionConfig::enabled()
+            .grace_period(self.stall)
+            .build();
+        let out = call
+            .customize()
+            .config_override(aws_sdk_s3::config::Builder::new().stalled_stream_protection(stall))
+            .send()
+            .await
+            .map_err(StoreFailure::of)?;
         Ok(DonePart {
             number,
             etag: out.e_tag().unwrap_or_default().to_owned(),

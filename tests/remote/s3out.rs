@@ -400,7 +400,7 @@ fn overwrite_false_refuses_and_keeps_the_old_object() {
     let o = data(6 * MIB, 7);
     store.put("data/o.bin", &o);
     store.put("out/taken.bin", b"the old object");
-    let tail = data(500, 8);
+    let tail = data(700, 8);
     server.put("tail.bin", tail.clone());
     let job = S3Job::new(&store, &[server.url("trickle/")], "");
 
@@ -417,8 +417,9 @@ fn overwrite_false_refuses_and_keeps_the_old_object() {
     let refused: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(refused["error"]["kind"], "output_exists", "{refused}");
 
-    // Appearing while the job runs (its last source trickles for 5 s): the conditional
-    // completion answers 412, the job fails output_exists, the racing object stays.
+    // Appearing while the job runs (its last source trickles for 7 s, longer than the SDK's
+    // default 5 s stall grace, so its bytes must flow into the part as they come): the
+    // conditional completion answers 412, the job fails output_exists, the racing object stays.
     let m = job.manifest(serde_json::json!({"output": "race.bin", "sources":
         ["s3://bkt/data/o.bin", server.url("trickle/tail.bin")]}));
     let mut c = Command::new(assert_cmd::cargo::cargo_bin!("concatd"));

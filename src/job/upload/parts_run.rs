@@ -394,32 +394,27 @@ fn read_range(
         let what = rec.location.to_string();
         let mut at = offset;
         let end = offset + take;
+        let mut buf = vec![0u8; CHUNK.min(take as usize)];
         while at < end {
             if ctx.cancelled() {
                 return Err(JobError::Cancelled);
             }
-            let want = ((end - at) as usize).min(CHUNK);
-            let mut buf = vec![0u8; want];
-            let mut filled = 0;
-            while filled < want {
-                let n = reader
-                    .read_at(&mut buf[filled..], at + filled as u64, &what)
-                    .map_err(err)?;
-                if n == 0 {
-                    return Err(JobError::SizeMismatch {
-                        number: Some(rec.number),
-                        message: format!(
-                            "source {} ({what}) ended at byte {} while the plan takes {end}",
-                            rec.number,
-                            at + filled as u64
-                        ),
-                    });
-                }
-                filled += n;
+            let want = ((end - at) as usize).min(buf.len());
+            // Whatever a read returns goes on at once: a slow source keeps the part's body
+            // moving instead of stalling it until a whole chunk is filled.
+            let n = reader.read_at(&mut buf[..want], at, &what).map_err(err)?;
+            if n == 0 {
+                return Err(JobError::SizeMismatch {
+                    number: Some(rec.number),
+                    message: format!(
+                        "source {} ({what}) ended at byte {at} while the plan takes {end}",
+                        rec.number
+                    ),
+                });
             }
             reader.recheck().map_err(err)?;
-            at += want as u64;
-            if !sink(Bytes::from(buf)) {
+            at += n as u64;
+            if !sink(Bytes::copy_from_slice(&buf[..n])) {
                 return Ok(());
             }
         }
