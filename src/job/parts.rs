@@ -125,10 +125,21 @@ struct Run {
 }
 
 /// Plans the parts of an output made of `segments`, in order: fewest bytes through this host, then
-/// fewest parts. Requires `2 × min_part ≤ max_part` (so any run of at least `min_part` splits into
-/// parts within the limits), as every S3-compatible store has.
+/// fewest parts.
+///
+/// # Panics
+/// On limits no store has: unless `1 ≤ min_part`, `2 × min_part ≤ max_part ≤ 2^36` and
+/// `1 ≤ max_parts ≤ 2^16` (S3: 5 MiB, 5 GiB, 10,000). The factor 2 lets any run of at least
+/// `min_part` split into parts within the limits; the caps keep the planner's prices (`u128`)
+/// from overflowing.
 pub fn plan_parts(segments: &[Segment], limits: &Limits) -> Result<PartPlan, PartsError> {
-    debug_assert!(limits.min_part.saturating_mul(2) <= limits.max_part && limits.max_parts > 0);
+    assert!(
+        limits.min_part >= 1
+            && limits.min_part.saturating_mul(2) <= limits.max_part
+            && limits.max_part <= 1 << 36
+            && (1..=1 << 16).contains(&limits.max_parts),
+        "unsupported multipart limits {limits:?}"
+    );
     let total = segments
         .iter()
         .try_fold(0u64, |sum, s| sum.checked_add(s.len))
