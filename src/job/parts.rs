@@ -648,16 +648,23 @@ impl<'a> Planner<'a> {
     }
 }
 
-/// Keeps at most [`FRONTIER_CAP`] of the states from `lo` on: the two ends (least lent, cheapest)
-/// and evenly spread ones between.
+/// Keeps about [`FRONTIER_CAP`] of the states from `lo` on: the two ends (least lent, most
+/// lent), the cheapest, and evenly spread ones between.
 fn thin(states: &mut Vec<State>, lo: usize) {
     let n = states.len() - lo;
     if n <= FRONTIER_CAP {
         return;
     }
-    let kept: Vec<State> = (0..FRONTIER_CAP)
-        .map(|k| states[lo + k * (n - 1) / (FRONTIER_CAP - 1)])
+    let cheapest = (lo..states.len())
+        .min_by_key(|&s| states[s].price)
+        .expect("n > 0");
+    let mut keep: Vec<usize> = (0..FRONTIER_CAP)
+        .map(|k| lo + k * (n - 1) / (FRONTIER_CAP - 1))
         .collect();
+    keep.push(cheapest);
+    keep.sort_unstable();
+    keep.dedup();
+    let kept: Vec<State> = keep.iter().map(|&s| states[s]).collect();
     states.truncate(lo);
     states.extend(kept);
 }
