@@ -169,7 +169,10 @@ rules:
         return out
 
     def fetched_b3(key):
-        body = direct.get_object(Bucket="bkt", Key=key)["Body"]
+        try:
+            body = direct.get_object(Bucket="bkt", Key=key)["Body"]
+        except direct.exceptions.NoSuchKey:
+            return "missing"
         return b3(iter(lambda: body.read(8 * MIB), b""))
 
     def cli_script(case, items):
@@ -249,7 +252,7 @@ rules:
             ratio_b = r["bytes"] / base["bytes"] if base["bytes"] else float("inf")
             rb = f"{ratio_b:9.1f}" if base["bytes"] else f"{'∞' if r['bytes'] else '1.0':>9}"
             print(f"{case:<4} {r['tool']:<22} {r['total'] / MIB:6.0f} {r['med']:9.2f} {r['min']:7.2f} "
-                  f"{r['med'] / base['med']:9.2f} {r['bytes'] / MIB:9.1f} {r['bytes'] / r['total']:11.3f} {rb}  "
+                  f"{r['med'] / base['med']:9.2f} {r['bytes'] / MIB:9.2f} {r['bytes'] / r['total']:11.3f} {rb}  "
                   f"{'correct' if r['ok'] else 'WRONG BYTES'}{'  (' + r['extra'] + ')' if r['extra'] else ''}")
 finally:
     moto.kill()
