@@ -36,7 +36,7 @@
 //! stretches must be uploaded as fewer, larger parts. A part is then priced at `λ` bytes and the
 //! pass rerun: the least `λ` whose plan fits is found by doubling and halving, then the price is
 //! raised only before a cut point, moved to the first kept segment where the plan fits, so that
-//! only as many bytes as needed are traded for parts (20,000 objects of 6 MiB: about 59 GiB
+//! only as many bytes as needed are traded for parts (20,000 objects of 6 MiB: 60 GiB
 //! uploaded, 5 GiB parts, the rest copied). This regime is not proven optimal: on small inputs
 //! the exhaustive search is a few per cent better in about 3% of cases.
 //!
@@ -125,10 +125,21 @@ struct Run {
 }
 
 /// Plans the parts of an output made of `segments`, in order: fewest bytes through this host, then
-/// fewest parts. Requires `2 × min_part ≤ max_part` (so any run of at least `min_part` splits into
-/// parts within the limits), as every S3-compatible store has.
+/// fewest parts.
+///
+/// # Panics
+/// On limits no store has: unless `1 ≤ min_part`, `2 × min_part ≤ max_part ≤ 2^36` and
+/// `1 ≤ max_parts ≤ 2^16` (S3: 5 MiB, 5 GiB, 10,000). The factor 2 lets any run of at least
+/// `min_part` split into parts within the limits; the caps keep the planner's prices (`u128`)
+/// from overflowing.
 pub fn plan_parts(segments: &[Segment], limits: &Limits) -> Result<PartPlan, PartsError> {
-    debug_assert!(limits.min_part.saturating_mul(2) <= limits.max_part && limits.max_parts > 0);
+    assert!(
+        limits.min_part >= 1
+            && limits.min_part.saturating_mul(2) <= limits.max_part
+            && limits.max_part <= 1 << 36
+            && (1..=1 << 16).contains(&limits.max_parts),
+        "unsupported multipart limits {limits:?}"
+    );
     let total = segments
         .iter()
         .try_fold(0u64, |sum, s| sum.checked_add(s.len))
@@ -637,16 +648,23 @@ impl<'a> Planner<'a> {
     }
 }
 
-/// Keeps at most [`FRONTIER_CAP`] of the states from `lo` on: the two ends (least lent, cheapest)
-/// and evenly spread ones between.
+/// Keeps about [`FRONTIER_CAP`] of the states from `lo` on: the two ends (least lent, most
+/// lent), the cheapest, and evenly spread ones between.
 fn thin(states: &mut Vec<State>, lo: usize) {
     let n = states.len() - lo;
     if n <= FRONTIER_CAP {
         return;
     }
-    let kept: Vec<State> = (0..FRONTIER_CAP)
-        .map(|k| states[lo + k * (n - 1) / (FRONTIER_CAP - 1)])
+    let cheapest = (lo..states.len())
+        .min_by_key(|&s| states[s].price)
+        .expect("n > 0");
+    let mut keep: Vec<usize> = (0..FRONTIER_CAP)
+        .map(|k| lo + k * (n - 1) / (FRONTIER_CAP - 1))
         .collect();
+    keep.push(cheapest);
+    keep.sort_unstable();
+    keep.dedup();
+    let kept: Vec<State> = keep.iter().map(|&s| states[s]).collect();
     states.truncate(lo);
     states.extend(kept);
 }
@@ -857,6 +875,11 @@ mod tests {
         // them are uploaded as 5 GiB parts. Each such run saves ~853 parts, so 12 of them must go
         // (about 60 GiB); more than 61 GiB would be a poor plan.
         let plan = check(&[copy(6 * MIB); 20_000], &Limits::S3);
+        eprintln!(
+            "{} bytes uploaded, {} parts",
+            plan.uploaded_bytes,
+            plan.parts.len()
+        );
         assert!(plan.parts.len() <= 10_000);
         assert!(
             plan.uploaded_bytes <= 61 * GIB,

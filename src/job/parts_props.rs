@@ -119,7 +119,7 @@ fn limits() -> impl Strategy<Value = Limits> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 4000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
     /// Where the fewest-bytes plan fits in `max_parts`, the planner finds it: the least bytes
     /// through the host of all plans, and then the fewest parts.
