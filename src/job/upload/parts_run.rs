@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 
 use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
-use crc_fast::CrcAlgorithm;
 
 use super::super::parts::PartKind;
 use super::super::{JobContext, JobError};
@@ -195,7 +194,7 @@ pub(super) fn parts_then_complete(
         let p = job.parts.parts[i];
         let upload = matches!(p.kind, PartKind::Upload);
         let mut hash = hash;
-        let mut crc = crc_fast::Digest::new(CrcAlgorithm::Crc64Nvme);
+        let mut crc = crate::checksum::crc64::Crc64::new();
         let body_tx = if send {
             let permit = rt
                 .block_on(sem.clone().acquire_owned())
@@ -238,7 +237,7 @@ pub(super) fn parts_then_complete(
             }
             return Err(e);
         }
-        Ok(upload.then(|| crc.finalize()))
+        Ok(upload.then(|| crc.finish()))
     };
     let mut redo: Vec<usize> = Vec::new();
     let mut retries = vec![0u32; total_parts];
