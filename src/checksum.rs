@@ -7,6 +7,8 @@
 //! Pieces may finish in any order; the merger keeps only the few that arrive early, plus one
 //! chaining value per tree level, so memory does not grow with the output.
 
+pub mod crc64;
+
 use std::collections::BTreeMap;
 
 use blake3::hazmat::{self, ChainingValue, HasherExt, Mode};

@@ -85,6 +85,69 @@ pub struct S3Config {
     pub path_style: bool,
 }
 
+/// Where a rule's outputs land: a local folder, or a prefix of a bucket in the rule's S3 store —
+/// never both, so no code path has to guess which one a job writes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputRoot {
+    /// A folder (absolute): outputs are files published by rename.
+    Local(PathBuf),
+    /// `s3://bucket/prefix/`: outputs are objects published by `CompleteMultipartUpload`.
+    S3(S3Root),
+}
+
+impl OutputRoot {
+    /// The folder of a local root; `None` for S3.
+    pub fn local(&self) -> Option<&Path> {
+        match self {
+            Self::Local(p) => Some(p),
+            Self::S3(_) => None,
+        }
+    }
+
+    /// As a user wrote it (a folder, or the `s3://` URL).
+    pub fn display(&self) -> String {
+        match self {
+            Self::Local(p) => p.display().to_string(),
+            Self::S3(s) => format!("s3://{}/{}", s.bucket, s.prefix),
+        }
+    }
+}
+
+/// A bucket and a key prefix that belongs to concatd (see the README, "S3 outputs").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Root {
+    pub bucket: String,
+    /// Empty, or ending in `/`; no empty, `.` or `..` segments.
+    pub prefix: String,
+}
+
+impl S3Root {
+    /// The URL of the object at `key` (a full key, prefix included).
+    pub fn url(&self, key: &str) -> String {
+        format!("s3://{}/{key}", self.bucket)
+    }
+}
+
+/// How an S3 output's BLAKE3 is known (rules key `verify`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Verify {
+    /// Hash what passes through; copied bytes are vouched for by the store's checksums.
+    #[default]
+    Auto,
+    /// Read the finished object back (before it is published) and hash every byte.
+    ReadBack,
+}
+
+impl Verify {
+    /// The rules file's name of this mode.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::ReadBack => "read_back",
+        }
+    }
+}
+
 /// Where a rule's sources may come from.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Allow {
@@ -100,7 +163,7 @@ pub struct Allow {
 pub struct Rule {
     pub name: String,
     pub watch: PathBuf,
-    pub output_root: PathBuf,
+    pub output_root: OutputRoot,
     pub source_root: Option<PathBuf>,
     pub allow: Allow,
     pub max_output_size: u64,
@@ -114,6 +177,8 @@ pub struct Rule {
     pub poll_interval: Option<Duration>,
     pub s3: Option<S3Config>,
     pub remote: RemoteConfig,
+    /// S3 outputs: how the output's BLAKE3 is known.
+    pub verify: Verify,
 }
 
 /// The validated rules file.

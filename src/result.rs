@@ -145,6 +145,20 @@ pub struct Published {
     pub sources: u64,
 }
 
+/// What a succeeded job with an S3 output published.
+#[derive(Debug, Clone)]
+pub struct PublishedS3 {
+    /// `s3://bucket/key`.
+    pub url: String,
+    pub size: u64,
+    pub blake3: Option<String>,
+    pub sources: u64,
+    pub etag: String,
+    pub crc64nvme: Option<String>,
+    pub copied_bytes: u64,
+    pub uploaded_bytes: u64,
+}
+
 /// An RFC 3339 UTC timestamp with milliseconds, the form of every time in a result.
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
@@ -168,6 +182,18 @@ pub struct JobResult {
     pub sources: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub write_mode: Option<String>,
+    /// S3 outputs: the object's ETag.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub etag: Option<String>,
+    /// S3 outputs: the full-object CRC64NVME (base64) the store checked, when it was knowable.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub crc64nvme: Option<String>,
+    /// S3 outputs: bytes copied inside the store (`UploadPartCopy`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub copied_bytes: Option<u64>,
+    /// S3 outputs: bytes uploaded through this host.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub uploaded_bytes: Option<u64>,
     pub started_at: String,
     pub finished_at: String,
     pub duration_ms: u64,
@@ -183,6 +209,22 @@ impl JobResult {
             size: Some(done.size),
             blake3: Some(done.blake3),
             sources: Some(done.sources),
+            ..Self::bare(head, timing, Status::Succeeded, None)
+        }
+    }
+
+    /// The result of a job that completed an S3 output: `blake3` only when it is known (every
+    /// byte hashed on its way, or read back).
+    pub fn uploaded(head: ResultHead, timing: Timing, done: PublishedS3) -> Self {
+        Self {
+            output: Some(done.url),
+            size: Some(done.size),
+            blake3: done.blake3,
+            sources: Some(done.sources),
+            etag: Some(done.etag),
+            crc64nvme: done.crc64nvme,
+            copied_bytes: Some(done.copied_bytes),
+            uploaded_bytes: Some(done.uploaded_bytes),
             ..Self::bare(head, timing, Status::Succeeded, None)
         }
     }
@@ -203,6 +245,10 @@ impl JobResult {
             blake3: None,
             sources: None,
             write_mode: head.write_mode,
+            etag: None,
+            crc64nvme: None,
+            copied_bytes: None,
+            uploaded_bytes: None,
             started_at: rfc3339(timing.started),
             finished_at: rfc3339(timing.finished),
             duration_ms: timing.duration.as_millis() as u64,

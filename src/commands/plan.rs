@@ -16,10 +16,11 @@
 //! ```
 //! `parts` is where an output's physical layout goes. A local output is one temporary file
 //! filled in `count` pieces (hashed as BLAKE3 subtrees), every byte through this host. An S3
-//! output will be `{"target": "s3_multipart", "count", "bytes_through_host", "copied_bytes",
-//! "items": [{"number", "op": "copy" | "upload", "output_offset", "length",
-//! "sources": [{"number", "offset", "length"}], "bytes_through_host"}]}` beside it: the same
-//! totals, plus the list of parts a multipart upload needs decided before its first byte.
+//! output is `{"target": "s3_multipart", "count", "bytes_through_host", "copied_bytes",
+//! "crc64nvme_known", "blake3_known", "items": [{"number", "op": "copy" | "upload",
+//! "output_offset", "length", "sources": [{"number", "offset", "length"}],
+//! "bytes_through_host"}]}`: the same totals, plus every part of the multipart upload, decided
+//! before its first byte (a copy part has one source, the object range the store copies).
 //!
 //! Refused: exit 1 and a failed result whose `error.problems` lists every refusal (the output's,
 //! each source's with its number, the totals'); `error` itself is the first of them.
@@ -103,6 +104,16 @@ pub fn run(config: &Path, rule_name: &str, manifest: &Path, as_json: bool) -> an
         })
         .collect();
     let total = prepared.plan.total;
+    let parts = match &prepared.s3 {
+        None => Parts::LocalFile {
+            count: layout.pieces,
+            piece_size: layout.piece_size,
+            workers: layout.workers,
+            bytes_through_host: total,
+            copied_bytes: 0,
+        },
+        Some(job) => s3_parts(job, &rule, &prepared),
+    };
     let doc = PlanJson {
         status: "planned",
         rule: head.rule,
@@ -114,15 +125,13 @@ pub fn run(config: &Path, rule_name: &str, manifest: &Path, as_json: bool) -> an
         fsync: rule.fsync,
         size: total,
         source_count: prepared.plan.count(),
-        write_mode: layout.write_mode.as_str(),
-        sources,
-        parts: Parts::LocalFile {
-            count: layout.pieces,
-            piece_size: layout.piece_size,
-            workers: layout.workers,
-            bytes_through_host: total,
-            copied_bytes: 0,
+        write_mode: if prepared.s3.is_some() {
+            "s3_multipart"
+        } else {
+            layout.write_mode.as_str()
         },
+        sources,
+        parts,
     };
     if as_json {
         println!("{}", serde_json::to_string_pretty(&doc)?);
@@ -222,6 +231,72 @@ enum Parts {
         bytes_through_host: u64,
         copied_bytes: u64,
     },
+    S3Multipart {
+        count: usize,
+        bytes_through_host: u64,
+        copied_bytes: u64,
+        /// The full-object CRC64NVME will be known (and checked by the store).
+        crc64nvme_known: bool,
+        /// The output's BLAKE3 will be known (every byte passes, or `verify: read_back`).
+        blake3_known: bool,
+        items: Vec<PartJson>,
+    },
+}
+
+#[derive(Serialize)]
+struct PartJson {
+    number: u32,
+    op: &'static str,
+    output_offset: u64,
+    length: u64,
+    sources: Vec<PartSource>,
+    bytes_through_host: u64,
+}
+
+#[derive(Serialize)]
+struct PartSource {
+    number: u64,
+    /// Offset in the source object (not in the output).
+    offset: u64,
+    length: u64,
+}
+
+fn s3_parts(job: &job::upload::S3Job, rule: &crate::config::Rule, p: &job::Prepared) -> Parts {
+    let blake3_known = rule.verify == crate::config::Verify::ReadBack
+        || p.manifest.expect.blake3.is_some()
+        || job.parts.uploaded_bytes == p.plan.total;
+    let items = job
+        .parts
+        .parts
+        .iter()
+        .map(|part| {
+            let copy = matches!(part.kind, job::parts::PartKind::Copy { .. });
+            PartJson {
+                number: part.number,
+                op: if copy { "copy" } else { "upload" },
+                output_offset: part.start,
+                length: part.len,
+                sources: job
+                    .sources_in(part.start, part.len)
+                    .into_iter()
+                    .map(|(i, offset, length)| PartSource {
+                        number: job.recs[i].number,
+                        offset,
+                        length,
+                    })
+                    .collect(),
+                bytes_through_host: if copy { 0 } else { part.len },
+            }
+        })
+        .collect();
+    Parts::S3Multipart {
+        count: job.parts.parts.len(),
+        bytes_through_host: job.parts.uploaded_bytes,
+        copied_bytes: job.parts.copied_bytes,
+        crc64nvme_known: job.crc_knowable(),
+        blake3_known,
+        items,
+    }
 }
 
 fn yes(b: bool) -> &'static str {
@@ -241,16 +316,53 @@ fn print_table(doc: &PlanJson) {
         "size        {} bytes from {} sources",
         doc.size, doc.source_count
     );
-    let Parts::LocalFile {
-        count,
-        piece_size,
-        workers,
-        ..
-    } = &doc.parts;
-    println!(
-        "write       {}: {count} pieces of at most {piece_size} bytes, {workers} workers",
-        doc.write_mode
-    );
+    match &doc.parts {
+        Parts::LocalFile {
+            count,
+            piece_size,
+            workers,
+            ..
+        } => println!(
+            "write       {}: {count} pieces of at most {piece_size} bytes, {workers} workers",
+            doc.write_mode
+        ),
+        Parts::S3Multipart {
+            count,
+            bytes_through_host,
+            copied_bytes,
+            crc64nvme_known,
+            blake3_known,
+            items,
+        } => {
+            println!(
+                "upload      {count} parts: {copied_bytes} bytes copied in the store, \
+                 {bytes_through_host} bytes through this host (crc64nvme: {}, blake3: {})",
+                if *crc64nvme_known { "known" } else { "unknown" },
+                if *blake3_known { "known" } else { "unknown" },
+            );
+            println!();
+            println!(
+                "{:>6}  {:<6}  {:>14}  {:>12}  {:>12}  sources (number:offset+length)",
+                "part", "op", "output offset", "length", "via host"
+            );
+            for it in items {
+                let srcs: Vec<String> = it
+                    .sources
+                    .iter()
+                    .map(|s| format!("{}:{}+{}", s.number, s.offset, s.length))
+                    .collect();
+                println!(
+                    "{:>6}  {:<6}  {:>14}  {:>12}  {:>12}  {}",
+                    it.number,
+                    it.op,
+                    it.output_offset,
+                    it.length,
+                    it.bytes_through_host,
+                    srcs.join(" ")
+                );
+            }
+        }
+    }
     println!();
     println!(
         "{:>8}  {:>14}  {:>12}  {:>12}  {:>12}  source",

@@ -12,8 +12,8 @@ use serde::de::IgnoredAny;
 use super::remote::RawRemote;
 use super::urls::UrlPolicy;
 use super::{
-    Allow, DEFAULT_MAX_OUTPUT_SIZE, Issue, Rotation, Rule, Rules, S3Config, WriteMode,
-    parse_duration, parse_size,
+    Allow, DEFAULT_MAX_OUTPUT_SIZE, Issue, OutputRoot, Rotation, Rule, Rules, S3Config, S3Root,
+    Verify, WriteMode, parse_duration, parse_size,
 };
 
 /// The daemon's own folders inside a watch folder: claimed jobs, and filed manifests with their
@@ -74,6 +74,7 @@ struct RawRule {
     poll_interval: Option<String>,
     s3: Option<RawS3>,
     remote: Option<RawRemote>,
+    verify: Option<String>,
     #[serde(flatten)]
     unknown: BTreeMap<String, IgnoredAny>,
 }
@@ -201,7 +202,11 @@ impl<'a> Validator<'a> {
         // Each path resolved once, not once per pair: a file of many rules must not cost
         // (rules)² path resolutions (found by fuzzing: 500 rules took 27 s).
         let watches: Vec<PathBuf> = rules.iter().map(|r| resolved(&r.watch)).collect();
-        let outputs: Vec<PathBuf> = rules.iter().map(|r| resolved(&r.output_root)).collect();
+        // S3 roots overlap no folder.
+        let outputs: Vec<Option<PathBuf>> = rules
+            .iter()
+            .map(|r| r.output_root.local().map(resolved))
+            .collect();
         let subfolders: Vec<Vec<(&str, PathBuf)>> = rules
             .iter()
             .map(|r| {
@@ -220,7 +225,11 @@ impl<'a> Validator<'a> {
             let watch = &watches[i];
             let label = format!("'{}'", rule.name);
             for (j, other) in rules.iter().enumerate() {
-                if other.output_root.as_os_str().is_empty() {
+                let (Some(root), Some(other_root)) = (&outputs[j], other.output_root.local())
+                else {
+                    continue;
+                };
+                if other_root.as_os_str().is_empty() {
                     continue;
                 }
                 let whose = |what: &str| {
@@ -230,7 +239,6 @@ impl<'a> Validator<'a> {
                         format!("the {what} of rule '{}'", other.name)
                     }
                 };
-                let root = &outputs[j];
                 if watch.starts_with(root) {
                     self.issue(
                         Some(&label),
@@ -260,7 +268,7 @@ impl<'a> Validator<'a> {
                         format!(
                             "{} lies inside {sub}{whose}: outputs would be taken as manifests \
                              or lost with the job's own files",
-                            other.output_root.display()
+                            other_root.display()
                         ),
                     );
                 }
@@ -381,10 +389,33 @@ impl<'a> Validator<'a> {
             }
         };
         let output_root = match raw.output_root {
-            Some(o) => self.folder(&label, "output_root", &o),
+            Some(o) if o.starts_with("s3://") => OutputRoot::S3(s3_root(&o).unwrap_or_else(|m| {
+                self.issue(r, "output_root", m);
+                S3Root {
+                    bucket: String::new(),
+                    prefix: String::new(),
+                }
+            })),
+            Some(o) => OutputRoot::Local(self.folder(&label, "output_root", &o)),
             None => {
-                self.issue(r, "output_root", "missing: the folder outputs land in");
-                PathBuf::new()
+                self.issue(
+                    r,
+                    "output_root",
+                    "missing: the folder (or s3://bucket/prefix/) outputs land in",
+                );
+                OutputRoot::Local(PathBuf::new())
+            }
+        };
+        let verify = match raw.verify.as_deref() {
+            None | Some("auto") => Verify::Auto,
+            Some("read_back") => Verify::ReadBack,
+            Some(other) => {
+                self.issue(
+                    r,
+                    "verify",
+                    format!("'{other}' is not one of auto, read_back"),
+                );
+                Verify::Auto
             }
         };
         let source_root = raw
@@ -473,6 +504,47 @@ impl<'a> Validator<'a> {
             poll_interval,
             s3,
             remote,
+            verify,
         }
     }
+}
+
+/// `s3://bucket/prefix/` as a bucket and a prefix that is empty or ends in `/`. The prefix is
+/// concatd's (uploads under it that no job owns are aborted), so it must be a plain one.
+fn s3_root(text: &str) -> Result<S3Root, String> {
+    let rest = text.strip_prefix("s3://").unwrap_or(text);
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let bucket_ok = (3..=63).contains(&bucket.len())
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    if !bucket_ok {
+        return Err(format!(
+            "'{text}': the bucket must be 3 to 63 characters of a-z, 0-9, '-' and '.'"
+        ));
+    }
+    let trimmed = prefix.strip_suffix('/').unwrap_or(prefix);
+    if !trimmed.is_empty()
+        && trimmed
+            .split('/')
+            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
+        return Err(format!(
+            "'{text}': the prefix may not have empty, '.' or '..' segments"
+        ));
+    }
+    if prefix.bytes().any(|b| b.is_ascii_control()) || prefix.len() > 512 {
+        return Err(format!(
+            "'{text}': the prefix must be at most 512 bytes without control characters"
+        ));
+    }
+    let prefix = if trimmed.is_empty() {
+        String::new()
+    } else {
+        format!("{trimmed}/")
+    };
+    Ok(S3Root {
+        bucket: bucket.to_owned(),
+        prefix,
+    })
 }

@@ -127,6 +127,9 @@ impl Daemon {
             }
             .run(),
         );
+        if matches!(rule.output_root, crate::config::OutputRoot::S3(_)) {
+            tokio::spawn(sweep_orphans(shared.clone(), stop.clone()));
+        }
         tracing::info!(rule = %rule.name, folder = %rule.watch.display(), "watching");
         self.running.insert(
             rule.name.clone(),
@@ -176,6 +179,31 @@ impl Daemon {
         }
         tracing::info!("stopped");
         self.logs.close();
+    }
+}
+
+/// An S3 rule's uploads that no job owns are aborted at start and every
+/// [`crate::job::upload::sweep_orphans`]'s interval after, until the rule stops.
+async fn sweep_orphans(rule: SharedRule, stop: CancellationToken) {
+    let every = crate::job::upload::SWEEP_EVERY;
+    loop {
+        let current = rule.read().expect("rule lock").clone();
+        let span = tracing::info_span!("rule", rule = %current.name);
+        let swept = tokio::task::spawn_blocking(move || {
+            span.in_scope(|| crate::job::upload::sweep_orphans(&current))
+        })
+        .await;
+        match swept {
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the sweep of orphaned uploads failed; next try later")
+            }
+            Ok(Ok(n)) if n > 0 => tracing::info!(aborted = n, "orphaned uploads aborted"),
+            _ => {}
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
     }
 }
 

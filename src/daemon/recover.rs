@@ -252,7 +252,10 @@ pub fn assess(dir: JobDir, rule: &Rule) -> Result<Plan, ClaimError> {
             if let Some(t) =
                 crate::manifest::Manifest::load(&dir.manifest(), crate::manifest::Origin::Claimed)
                     .ok()
-                    .and_then(|m| OutputTarget::existing_folder(&rule.output_root, &m.output).ok())
+                    .and_then(|m| {
+                        let root = rule.output_root.local()?;
+                        OutputTarget::existing_folder(root, &m.output).ok()
+                    })
                     .flatten()
             {
                 clear_unpublished(&dir, &t);
@@ -263,7 +266,7 @@ pub fn assess(dir: JobDir, rule: &Rule) -> Result<Plan, ClaimError> {
             if let Some(t) = j.target() {
                 // The rerun creates its temporary output under the rule's output root as it is
                 // now: a file kept under another root would never be reopened, nor removed.
-                if j.output_root.as_deref() == Some(rule.output_root.as_path()) {
+                if j.output_root.is_some() && j.output_root.as_deref() == rule.output_root.local() {
                     clear_unpublished(&dir, &t);
                 } else {
                     removed_temps(&dir, t.remove_temps(&dir.id));

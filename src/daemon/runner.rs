@@ -117,8 +117,10 @@ fn remove_kept_temps(dir: &JobDir, rule: &Rule) {
     else {
         return;
     };
-    if let Ok(Some(t)) = crate::output::OutputTarget::existing_folder(&rule.output_root, &m.output)
-    {
+    let Some(root) = rule.output_root.local() else {
+        return;
+    };
+    if let Ok(Some(t)) = crate::output::OutputTarget::existing_folder(root, &m.output) {
         let removed = t.remove_temps(&dir.id);
         if removed > 0 {
             tracing::info!(job_id = %dir.id, files = removed, "removed the temporary files kept for the failed job");

@@ -9,10 +9,14 @@
 //! [`JobError::kind`] is the one place where failures become the spec's error kinds.
 
 mod copy;
+pub mod parts;
+#[cfg(test)]
+mod parts_props;
 mod pieces;
 pub mod plan;
 #[cfg(test)]
 mod plan_props;
+pub mod upload;
 mod verify;
 
 pub use pieces::{PIECES_JOURNAL, resumable};
@@ -23,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::{Rule, WriteMode};
+use crate::config::{OutputRoot, Rule, WriteMode};
 use crate::manifest::{Manifest, ManifestError, Origin};
 use crate::output::{OutputError, OutputTarget, Publish, PublishStep, Renames};
 use crate::result::{ErrorKind, JobResult, Problem, Published, ResultError, ResultHead, Timing};
@@ -102,6 +106,7 @@ impl JobError {
             Self::Output(OutputError::NotAllowed { .. }) => ErrorKind::OutputNotAllowed,
             Self::Output(OutputError::Exists { .. }) => ErrorKind::OutputExists,
             Self::Output(OutputError::NoSpace { .. }) => ErrorKind::NoSpace,
+            Self::Output(OutputError::Store { .. }) => ErrorKind::RemoteFailed,
             Self::Journal(e) if crate::output::is_no_space(e) => ErrorKind::NoSpace,
             Self::Journal(_) => ErrorKind::Internal,
             Self::Cancelled => ErrorKind::Cancelled,
@@ -198,13 +203,20 @@ impl JobContext<'_> {
 }
 
 /// What a successful job produced.
-struct Outcome {
-    output: std::path::PathBuf,
-    size: u64,
-    hash: blake3::Hash,
-    sources: u64,
-    /// The write mode that ran (`auto` decides per output filesystem).
-    mode: WriteMode,
+enum Outcome {
+    Local {
+        output: std::path::PathBuf,
+        size: u64,
+        hash: blake3::Hash,
+        sources: u64,
+        /// The write mode that ran (`auto` decides per output filesystem).
+        mode: WriteMode,
+    },
+    S3 {
+        done: upload::Uploaded,
+        size: u64,
+        sources: u64,
+    },
 }
 
 /// A new job id: time-ordered, unique across daemons.
@@ -232,23 +244,34 @@ pub fn run_from(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> JobRe
         duration: clock.elapsed(),
     };
     match outcome {
-        Ok(o) => {
-            let rate = o.size as f64 / timing.duration.as_secs_f64().max(1e-9) / (1 << 20) as f64;
+        Ok(Outcome::Local {
+            output,
+            size,
+            hash,
+            sources,
+            mode,
+        }) => {
+            let rate = size as f64 / timing.duration.as_secs_f64().max(1e-9) / (1 << 20) as f64;
             tracing::info!(
-                job_id = %ctx.job_id, manifest = %head.manifest, output = %o.output.display(),
-                bytes = o.size, sources = o.sources, blake3 = %o.hash.to_hex(),
+                job_id = %ctx.job_id, manifest = %head.manifest, output = %output.display(),
+                bytes = size, sources, blake3 = %hash.to_hex(),
                 ms = timing.duration.as_millis() as u64, mib_per_s = format!("{rate:.1}"),
                 "published"
             );
             let done = Published {
-                output: o.output.display().to_string(),
-                size: o.size,
-                blake3: o.hash.to_hex().to_string(),
-                sources: o.sources,
+                output: output.display().to_string(),
+                size,
+                blake3: hash.to_hex().to_string(),
+                sources,
             };
-            head.write_mode = Some(o.mode.as_str().to_owned());
+            head.write_mode = Some(mode.as_str().to_owned());
             JobResult::published(head, timing, done)
         }
+        Ok(Outcome::S3 {
+            done,
+            size,
+            sources,
+        }) => upload::result(&ctx.job_id, head, timing, done, size, sources),
         Err(e) => {
             tracing::warn!(
                 job_id = %ctx.job_id, manifest = %head.manifest, kind = %e.kind(),
@@ -269,7 +292,11 @@ pub fn result_head(rule: &Rule, job_id: &str, manifest_path: &Path) -> ResultHea
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
         job_id: job_id.to_owned(),
-        write_mode: Some(rule.write_mode.resolve().as_str().to_owned()),
+        // An S3 output writes no local file.
+        write_mode: rule
+            .output_root
+            .local()
+            .map(|_| rule.write_mode.resolve().as_str().to_owned()),
     }
 }
 
@@ -308,6 +335,8 @@ pub struct Prepared<'a> {
     pub overwrite: bool,
     pub sources: Sources<'a>,
     pub plan: Plan,
+    /// An S3 output's object and parts (`None`: a local output).
+    pub s3: Option<upload::S3Job>,
 }
 
 /// What the planning phase is for.
@@ -349,9 +378,17 @@ pub fn prepare<'a>(
         }
     };
     let overwrite = manifest.overwrite.unwrap_or(rule.overwrite);
+    let local_root = match &rule.output_root {
+        OutputRoot::Local(root) => root.as_path(),
+        OutputRoot::S3(root) => {
+            return upload::prepare(
+                rule, job_id, root, manifest, overwrite, refusals, cancel, observe,
+            );
+        }
+    };
     let target = match phase {
-        Phase::Run => OutputTarget::new(&rule.output_root, &manifest.output).map(Some),
-        Phase::Dry => OutputTarget::existing_folder(&rule.output_root, &manifest.output),
+        Phase::Run => OutputTarget::new(local_root, &manifest.output).map(Some),
+        Phase::Dry => OutputTarget::existing_folder(local_root, &manifest.output),
     };
     let target = match target {
         Ok(target) => {
@@ -381,7 +418,7 @@ pub fn prepare<'a>(
     };
     let output = match &target {
         Some(t) => t.path().to_path_buf(),
-        None => rule.output_root.join(&manifest.output),
+        None => local_root.join(&manifest.output),
     };
     let sources = match Sources::with_cancel(rule, cancel) {
         Ok(sources) => sources,
@@ -404,6 +441,7 @@ pub fn prepare<'a>(
                 overwrite,
                 sources,
                 plan,
+                s3: None,
             })
         }
         plan => {
@@ -502,6 +540,7 @@ fn execute(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> Result<Out
         overwrite,
         sources,
         plan,
+        s3,
         ..
     } = prepare(
         rule,
@@ -513,16 +552,28 @@ fn execute(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> Result<Out
         &mut |_| {},
     )
     .map_err(|mut problems| problems.swap_remove(0))?;
-    let target = target.ok_or_else(|| JobError::Internal("no output target".into()))?;
     if let Some(p) = ctx.progress {
         p.total.store(plan.total, Ordering::Relaxed);
     }
     if ctx.cancelled() {
         return Err(JobError::Cancelled);
     }
+    if let Some(job) = &s3 {
+        let done = upload::run(ctx, job, &plan, &manifest, &sources, overwrite)?;
+        return Ok(Outcome::S3 {
+            done,
+            size: plan.total,
+            sources: plan.count(),
+        });
+    }
+    let target = target.ok_or_else(|| JobError::Internal("no output target".into()))?;
+    let local_root = rule
+        .output_root
+        .local()
+        .ok_or_else(|| JobError::Internal("a local output under an S3 root".into()))?;
     let step = |stage, renames, hash| JobStep {
         stage,
-        output_root: &rule.output_root,
+        output_root: local_root,
         output: &manifest.output,
         overwrite,
         renames,
@@ -637,7 +688,7 @@ fn execute(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> Result<Out
             record(&step(stage, renamed, Some(&hash)))
         },
     )?;
-    Ok(Outcome {
+    Ok(Outcome::Local {
         output,
         size: plan.total,
         hash,

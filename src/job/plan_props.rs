@@ -134,7 +134,7 @@ proptest! {
             at += bytes.len() as u64;
         }
 
-        let target = OutputTarget::new(&rule.output_root, &manifest.output).unwrap();
+        let target = OutputTarget::new(rule.output_root.local().unwrap(), &manifest.output).unwrap();
         let temp = target.create_temp("props", plan.total).unwrap();
         let mode = if mode == WriteMode::Mmap && !temp.allocated() { WriteMode::Pwrite } else { mode };
         let ctx = JobContext {

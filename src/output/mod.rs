@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use rustix::io::Errno;
 
 pub mod local;
+pub mod s3;
 
 pub use local::*;
 
@@ -30,6 +31,13 @@ pub enum OutputError {
         action: &'static str,
         #[source]
         source: std::io::Error,
+    },
+    /// The object store refused or failed a call on an S3 output (the store's status and code).
+    #[error("output {url} ({action}): {reason}")]
+    Store {
+        url: String,
+        action: &'static str,
+        reason: String,
     },
     #[error("output {} ({action}): {source}", path.display())]
     Io {

@@ -227,6 +227,12 @@ impl<'a> Sources<'a> {
         Ok(self.remote.get_or_init(|| Remote::new(clients)))
     }
 
+    /// The rule's shared network clients (an S3 output uses the rule's S3 client and runtime:
+    /// it lives in the store of the rule's `s3://` sources).
+    pub fn clients(&self, what: &str) -> Result<Arc<Clients>, SourceError> {
+        Ok(self.remote(what)?.clients.clone())
+    }
+
     /// Check that a source is allowed, exists and is a regular object; learn its size and pin.
     pub fn probe(&self, location: &Location) -> Result<Probe, SourceError> {
         match location {

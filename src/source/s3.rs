@@ -79,6 +79,12 @@ impl S3Client {
         })
     }
 
+    /// The SDK client, for the rule's S3 outputs (`output::s3`): the output lives in the store
+    /// of the rule's sources.
+    pub fn sdk(&self) -> &aws_sdk_s3::Client {
+        &self.client
+    }
+
     /// HeadObject: size, ETag and version; archived objects are refused here, before any byte.
     pub async fn head(&self, bucket: &str, key: &str, what: &str) -> Result<Version, Failure> {
         let out = self

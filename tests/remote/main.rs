@@ -19,6 +19,7 @@ use serde_json::Value;
 mod newuser;
 mod redact;
 mod s3;
+mod s3out;
 mod server;
 mod ssrf;
 
