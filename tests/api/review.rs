@@ -63,35 +63,59 @@ fn bad_query_values_answer_400_in_the_api_error_shape() {
         assert_eq!(r.json()["error"]["status"], 400, "{path}");
     }
     // Nothing was dropped for the refused calls.
-    assert!(names(&api.env.path("in")).iter().all(|n| n.starts_with('.')));
+    let dropped: Vec<String> = names(&api.env.path("in"))
+        .into_iter()
+        .filter(|n| n.starts_with("api-"))
+        .collect();
+    assert!(dropped.is_empty(), "{dropped:?}");
 }
 
+/// Measured where only the API holds the body: the rule's folder is a tmpfs too small for it,
+/// so the drop fails (`507`) and no job reads it. Needs root; skipped without mount.
 #[test]
 fn a_large_body_is_held_in_memory_once() {
     let mut api = ApiEnv::new("", "");
+    let small = api.env.path("in");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs (not root?)");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(small.clone());
     // The fixture's 4 KiB limit raised to the spec's default, 64 MiB.
     let rules = std::fs::read_to_string(api.env.rules()).unwrap();
     api.env
         .write_rules(&rules.replace("max_body: 4KiB", "max_body: 64MiB\n  body_timeout: 2m"));
     api.start();
     let pid = api.daemon.as_ref().unwrap().child.id();
-    let before = peak_rss(pid);
-    // Not a manifest: the job fails at its first byte, so its own read is the only other copy.
     let size = 40usize << 20;
     let body = vec![b'x'; size];
-    let r = api.unix("POST", "/v1/rules/r1/jobs", &body);
-    assert_eq!(r.status, 202, "{}", r.text());
-    let id = r.json()["job_id"].as_str().unwrap().to_owned();
-    let job = poll_job(&api, &id);
-    assert_eq!(job["result"]["error"]["kind"], "invalid_manifest", "{job}");
-    let grown = peak_rss(pid).saturating_sub(before);
-    eprintln!("peak RSS grew by {} MiB for a {} MiB body", grown >> 20, size >> 20);
+    let mut worst = 0;
+    // Twice: the allocator's state after the first call is the common one.
+    for _ in 0..2 {
+        let before = peak_rss(pid);
+        let r = api.unix("POST", "/v1/rules/r1/jobs", &body);
+        assert_eq!(r.status, 507, "{}", r.text());
+        worst = worst.max(peak_rss(pid).saturating_sub(before));
+    }
+    eprintln!("peak RSS grew by {} MiB for a {} MiB body", worst >> 20, size >> 20);
     assert!(
-        grown < size as u64 * 3 / 2,
+        worst < size as u64 * 3 / 2,
         "peak RSS grew by {} MiB for a {} MiB body: it is held more than once",
-        grown >> 20,
+        worst >> 20,
         size >> 20
     );
+    api.daemon.take().unwrap().stop();
 }
 
 #[test]
