@@ -111,7 +111,11 @@ pub(super) async fn post_job(
     let rule = rule_for(&state, &access, &name)?;
     let Query(q) = q.map_err(bad_query)?;
     let wait = wait_for(&q, state.config.wait_max)?;
-    let max = state.config.max_body;
+    // A body larger than a manifest may be could only be dropped to fail: refused here instead.
+    let max = state
+        .config
+        .max_body
+        .min(crate::manifest::MAX_MANIFEST_BYTES);
     let too_large = || {
         Refusal::new(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -226,3 +226,22 @@ fn a_tokens_file_open_to_others_is_warned_about() {
     });
     assert!(!d.log().contains(&token), "the token is logged");
 }
+
+#[test]
+fn max_body_above_the_manifest_limit_still_refuses_what_no_job_could_read() {
+    let mut api = ApiEnv::new("", "");
+    let rules = std::fs::read_to_string(api.env.rules()).unwrap();
+    api.env
+        .write_rules(&rules.replace("max_body: 4KiB", "max_body: 128MiB\n  body_timeout: 2m"));
+    api.start();
+    // One byte over the largest manifest a job reads (64 MiB): 413 at once, nothing dropped.
+    let body = vec![b' '; (64 << 20) + 1];
+    let r = api.unix("POST", "/v1/rules/r1/jobs", &body);
+    assert_eq!(r.status, 413, "{}", r.text());
+    let dropped: Vec<String> = names(&api.env.path("in"))
+        .into_iter()
+        .filter(|n| n.starts_with("api-"))
+        .collect();
+    assert!(dropped.is_empty(), "{dropped:?}");
+    assert_eq!(count_results(&api.env.path("in")), 0);
+}
