@@ -118,6 +118,28 @@ fn stamp(path: &Path) -> Option<Stamp> {
     ))
 }
 
+/// Say so when the tokens file is open to group or others: whoever can write it can grant
+/// themselves every rule, and a hand-made weak token can be guessed from its hash. Said when the
+/// file is read (once per version), not refused: the admin decides.
+fn warn_if_open(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(mode) = std::fs::metadata(path).map(|m| m.permissions().mode() & 0o777) else {
+        return;
+    };
+    if mode & 0o022 != 0 {
+        tracing::warn!(
+            file = %path.display(), mode = %format!("{mode:04o}"),
+            "tokens file is writable by group or others: they can add tokens for any rule; \
+             chmod 600 it"
+        );
+    } else if mode & 0o044 != 0 {
+        tracing::warn!(
+            file = %path.display(), mode = %format!("{mode:04o}"),
+            "tokens file is readable by group or others; chmod 600 it"
+        );
+    }
+}
+
 /// The tokens file, read again whenever it changes.
 pub struct Tokens {
     path: Option<PathBuf>,
@@ -156,6 +178,7 @@ impl Tokens {
                     );
                 }
                 tracing::info!(file = %path.display(), tokens = entries.len(), "tokens read");
+                warn_if_open(path);
                 entries
             }
             Err(e) => {

@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Extension, Path, Query, State as AxState};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::routes::{Refusal, authorize, rule_for};
+use super::routes::{Refusal, authorize, bad_query, rule_for};
 use super::{Peer, State};
 use crate::inbox::{Dropped, JobState, Waited};
 use crate::result::{ErrorKind, JobResult, Status};
@@ -102,14 +103,19 @@ pub(super) async fn post_job(
     AxState(state): AxState<Arc<State>>,
     Extension(peer): Extension<Peer>,
     Path(name): Path<String>,
-    Query(q): Query<PostQuery>,
+    q: Result<Query<PostQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Refusal> {
     let access = authorize(&state, &peer, &headers)?;
     let rule = rule_for(&state, &access, &name)?;
+    let Query(q) = q.map_err(bad_query)?;
     let wait = wait_for(&q, state.config.wait_max)?;
-    let max = state.config.max_body;
+    // A body larger than a manifest may be could only be dropped to fail: refused here instead.
+    let max = state
+        .config
+        .max_body
+        .min(crate::manifest::MAX_MANIFEST_BYTES);
     let too_large = || {
         Refusal::new(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Extension, Path, Query, State as AxState};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -82,8 +83,17 @@ pub(super) fn authorize(
             },
         )),
         Peer::Tcp(_) => {
-            let token = headers
-                .get(header::AUTHORIZATION)
+            let mut values = headers.get_all(header::AUTHORIZATION).iter();
+            let (first, second) = (values.next(), values.next());
+            // Two credentials in one request: a gateway in front may have judged the other one,
+            // so neither is taken.
+            if second.is_some() {
+                return Err(Refusal::new(
+                    StatusCode::UNAUTHORIZED,
+                    "more than one Authorization header",
+                ));
+            }
+            let token = first
                 .and_then(|v| auth::bearer(v.as_bytes()))
                 .ok_or_else(|| {
                     Refusal::new(
@@ -97,6 +107,12 @@ pub(super) fn authorize(
                 .ok_or_else(|| Refusal::new(StatusCode::UNAUTHORIZED, "unknown token"))
         }
     }
+}
+
+/// A query string that does not parse (`?n=-1`, a key twice): `400` in the API's error shape,
+/// not axum's plain-text rejection.
+pub(super) fn bad_query(e: QueryRejection) -> Refusal {
+    Refusal::new(StatusCode::BAD_REQUEST, e.body_text())
 }
 
 /// The rule `name` if it exists (`404`) and `access` names it (`403`).
@@ -161,11 +177,12 @@ async fn logs(
     AxState(state): AxState<Arc<State>>,
     Extension(peer): Extension<Peer>,
     Path(name): Path<String>,
-    Query(q): Query<LogsQuery>,
+    q: Result<Query<LogsQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, Refusal> {
     let access = authorize(&state, &peer, &headers)?;
     let rule = rule_for(&state, &access, &name)?;
+    let Query(q) = q.map_err(bad_query)?;
     let n = q.n.unwrap_or(10).min(MAX_LOG_LINES);
     let path = crate::logging::rule_log_path(&state.rules().log_dir, &rule.name);
     let text = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {

@@ -13,6 +13,8 @@ mod api_support;
 #[allow(dead_code)]
 mod server;
 
+mod review;
+
 use std::io::Write;
 use std::time::{Duration, Instant};
 
