@@ -111,7 +111,8 @@ impl LocalResolver {
     }
 
     /// Check a source and learn its size and identity, without opening its data.
-    /// The pin is taken only once the file has settled (see [`settled`]): a file changed in the
+    ///
+    /// The pin is taken only once the file has settled (see `settled`): a file changed in the
     /// last [`SETTLE`] may have a write in flight whose bytes are not all there yet.
     pub fn probe(&self, path: &str) -> Result<Probe, SourceError> {
         let fd = self.open_beneath(path, OFlags::PATH | OFlags::CLOEXEC)?;
@@ -493,5 +494,18 @@ mod tests {
             r.open("f", probe.pin),
             Err(SourceError::Changed { .. })
         ));
+    }
+
+    #[test]
+    fn a_file_just_written_is_pinned_only_once_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let r = LocalResolver::new(Some(dir.path()), &[dir.path().to_path_buf()]).unwrap();
+        std::fs::write(&p, b"fresh").unwrap();
+        let probe = r.probe("f").unwrap();
+        let st = rustix::fs::stat(&p).unwrap();
+        let age = change_age(&st).unwrap();
+        assert!(age >= SETTLE, "pinned {age:?} after the last change");
+        assert_eq!(r.probe("f").unwrap().pin, probe.pin);
     }
 }
