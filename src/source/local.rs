@@ -15,6 +15,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::{FileType, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
@@ -110,9 +111,12 @@ impl LocalResolver {
     }
 
     /// Check a source and learn its size and identity, without opening its data.
+    ///
+    /// The pin is taken only once the file has settled (see `settled`): a file changed in the
+    /// last [`SETTLE`] may have a write in flight whose bytes are not all there yet.
     pub fn probe(&self, path: &str) -> Result<Probe, SourceError> {
         let fd = self.open_beneath(path, OFlags::PATH | OFlags::CLOEXEC)?;
-        let st = regular(&self.shown(path), &fd)?;
+        let st = settled(&self.shown(path), &fd)?;
         let pin = pin_of(&st);
         Ok(Probe {
             size: st.st_size as u64,
@@ -360,6 +364,61 @@ fn regular(path: &str, fd: &OwnedFd) -> Result<rustix::fs::Stat, SourceError> {
     })
 }
 
+/// How long after its last change (ctime) a file is taken to hold no write in flight. Linux
+/// moves mtime and ctime at the *start* of a write(2), before the data is copied in, so a pin
+/// taken while the last write of a rewrite is in flight matches the file once the write is done,
+/// and a recheck after the reads cannot tell that some bytes read were the old ones. 20 ms
+/// covers the coarse timestamp clock lagging real time (one jiffy: 10 ms at HZ=100, 4 ms at
+/// HZ=250) plus a write(2) of some megabytes into the page cache or a writer preempted for a
+/// time slice within one; it is a wait only for a file changed that recently.
+pub const SETTLE: Duration = Duration::from_millis(20);
+
+/// How long [`settled`] waits for a file that keeps changing before it refuses it.
+pub const SETTLE_LIMIT: Duration = Duration::from_millis(200);
+
+/// `fstat` a file until its last change is at least [`SETTLE`] old (like git's "racy" index
+/// entries): for a file not changed recently, one `fstat` and no wait. Any write that starts
+/// later moves ctime past the one seen (a change after a query gets a new timestamp, and one
+/// more than a jiffy later a different coarse one), so the pin only misses a single write(2)
+/// that started before the last change and is still copying [`SETTLE`] later.
+fn settled(path: &str, fd: &OwnedFd) -> Result<rustix::fs::Stat, SourceError> {
+    let started = Instant::now();
+    let mut st = regular(path, fd)?;
+    loop {
+        let age = change_age(&st);
+        if age.is_some_and(|age| age >= SETTLE) {
+            return Ok(st);
+        }
+        if started.elapsed() >= SETTLE_LIMIT {
+            return Err(SourceError::Changed {
+                what: path.to_owned(),
+                reason: format!(
+                    "it is still being written (changed again within {} ms, for {} ms)",
+                    SETTLE.as_millis(),
+                    SETTLE_LIMIT.as_millis()
+                ),
+            });
+        }
+        // A ctime in the future means the clock was set back: then two fstats SETTLE apart
+        // that agree are all there is to go by.
+        std::thread::sleep(age.map_or(SETTLE, |age| SETTLE - age));
+        let again = regular(path, fd)?;
+        if age.is_none() && pin_of(&again) == pin_of(&st) {
+            return Ok(again);
+        }
+        st = again;
+    }
+}
+
+/// How long ago the file last changed (its ctime), `None` if that is in the future.
+fn change_age(st: &rustix::fs::Stat) -> Option<Duration> {
+    let Ok(secs) = u64::try_from(st.st_ctime) else {
+        return Some(Duration::MAX); // before 1970: long settled
+    };
+    let ctime = UNIX_EPOCH + Duration::new(secs, st.st_ctime_nsec as u32);
+    SystemTime::now().duration_since(ctime).ok()
+}
+
 fn pin_of(st: &rustix::fs::Stat) -> Pin {
     let mut h = blake3::Hasher::new();
     for v in [
@@ -435,5 +494,18 @@ mod tests {
             r.open("f", probe.pin),
             Err(SourceError::Changed { .. })
         ));
+    }
+
+    #[test]
+    fn a_file_just_written_is_pinned_only_once_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let r = LocalResolver::new(Some(dir.path()), &[dir.path().to_path_buf()]).unwrap();
+        std::fs::write(&p, b"fresh").unwrap();
+        let probe = r.probe("f").unwrap();
+        let st = rustix::fs::stat(&p).unwrap();
+        let age = change_age(&st).unwrap();
+        assert!(age >= SETTLE, "pinned {age:?} after the last change");
+        assert_eq!(r.probe("f").unwrap().pin, probe.pin);
     }
 }

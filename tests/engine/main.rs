@@ -9,6 +9,7 @@ mod newuser;
 mod plan;
 mod reflink;
 mod review;
+mod settle;
 mod sources;
 
 use std::path::{Path, PathBuf};

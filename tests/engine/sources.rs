@@ -18,7 +18,7 @@ const RUNS: usize = 30;
 const STALL: Duration = Duration::from_micros(500);
 
 /// A writer rewrites a same-size source in place, alternating two versions (64 KiB writes back
-/// to back, then a short pause with the file whole), while jobs copy it in every write mode.
+/// to back, then a pause of 3 or 30 ms with the file whole), while jobs copy it in every write mode.
 /// A job may fail `source_changed`; one that succeeds must hold exactly one version. Before the
 /// copy pass re-checked each source after reading it, pwrite and mmap runs published outputs
 /// that matched neither version.
@@ -58,7 +58,13 @@ fn a_source_rewritten_in_place_is_never_published_spliced() {
                         last = Some(now);
                     }
                     which ^= 1;
-                    std::thread::sleep(Duration::from_millis(3));
+                    // Every other pause is longer than the settle window (20 ms,
+                    // src/source/local.rs), so jobs can pin a settled version; were all pauses
+                    // short, every job would be refused "still being written" at planning and
+                    // the reads and rechecks would go untested. The short ones keep jobs
+                    // starting while the last writes of a version are in flight.
+                    let pause = if which == 0 { 3 } else { 30 };
+                    std::thread::sleep(Duration::from_millis(pause));
                 }
             })
         };
