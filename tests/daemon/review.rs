@@ -11,37 +11,8 @@ use super::support::*;
 #[test]
 fn a_changed_output_root_leaves_no_temporary_file_in_the_old_one() {
     let env = Env::new("    write_mode: pwrite\n    fsync: false\n");
-    env.write_rules(
-        &fs::read_to_string(env.rules())
-            .unwrap()
-            .replace("shutdown_grace: 10s", "shutdown_grace: 1ms"),
-    );
-    let mut want = Vec::new();
-    let mut names = Vec::new();
-    for i in 0..8u8 {
-        let b: Vec<u8> = (0..8usize << 20)
-            .map(|j| (j as u8) ^ i.wrapping_mul(37))
-            .collect();
-        env.data(&format!("p{i}"), &b);
-        want.extend_from_slice(&b);
-        names.push(format!("p{i}"));
-    }
-    let d = env.start();
-    let m = serde_json::json!({"output": "big.bin", "sources": names});
-    env.drop_renamed("in", "big.json", &m.to_string());
-    let work = env.path("in/.work");
-    wait_until(Duration::from_secs(30), || {
-        walk(&work)
-            .iter()
-            .any(|p| p.ends_with(".pieces") && fs::metadata(p).is_ok_and(|m| m.len() > 64))
-    });
-    assert_eq!(d.stop(), 0);
+    let want = interrupt_a_big_job(&env);
     assert_eq!(count_results(&env.path("in")), 0, "aborted, not finished");
-    assert_eq!(
-        temps_in(&env.path("out")).len(),
-        1,
-        "the temporary output is kept"
-    );
     fs::create_dir(env.path("out2")).unwrap();
     env.write_rules(
         &fs::read_to_string(env.rules())
@@ -69,34 +40,7 @@ fn a_changed_output_root_leaves_no_temporary_file_in_the_old_one() {
 #[test]
 fn a_resumable_job_that_fails_on_its_rerun_leaves_no_temporary_file() {
     let env = Env::new("    write_mode: pwrite\n    fsync: false\n");
-    env.write_rules(
-        &fs::read_to_string(env.rules())
-            .unwrap()
-            .replace("shutdown_grace: 10s", "shutdown_grace: 1ms"),
-    );
-    let mut names = Vec::new();
-    for i in 0..8u8 {
-        let b: Vec<u8> = (0..8usize << 20)
-            .map(|j| (j as u8) ^ i.wrapping_mul(37))
-            .collect();
-        env.data(&format!("p{i}"), &b);
-        names.push(format!("p{i}"));
-    }
-    let d = env.start();
-    let m = serde_json::json!({"output": "big.bin", "sources": names});
-    env.drop_renamed("in", "big.json", &m.to_string());
-    let work = env.path("in/.work");
-    wait_until(Duration::from_secs(30), || {
-        walk(&work)
-            .iter()
-            .any(|p| p.ends_with(".pieces") && fs::metadata(p).is_ok_and(|m| m.len() > 64))
-    });
-    assert_eq!(d.stop(), 0);
-    assert_eq!(
-        temps_in(&env.path("out")).len(),
-        1,
-        "the temporary output is kept"
-    );
+    interrupt_a_big_job(&env);
     fs::write(env.path("out/big.bin"), b"someone else's").unwrap();
     let d = env.start_named("restarted");
     wait_until(Duration::from_secs(60), || {
@@ -114,4 +58,41 @@ fn a_resumable_job_that_fails_on_its_rerun_leaves_no_temporary_file() {
         Vec::<String>::new(),
         "the interrupted job's temporary file is left behind"
     );
+}
+
+/// Start a daemon whose jobs get 1 ms of grace at shutdown, drop a job of 8 × 8 MiB sources, stop
+/// the daemon once the job has journaled a piece, and check its temporary output was kept to
+/// resume in. Returns the bytes the output should hold.
+fn interrupt_a_big_job(env: &Env) -> Vec<u8> {
+    env.write_rules(
+        &fs::read_to_string(env.rules())
+            .unwrap()
+            .replace("shutdown_grace: 10s", "shutdown_grace: 1ms"),
+    );
+    let mut want = Vec::new();
+    let mut names = Vec::new();
+    for i in 0..8u8 {
+        let b: Vec<u8> = (0..8usize << 20)
+            .map(|j| (j as u8) ^ i.wrapping_mul(37))
+            .collect();
+        env.data(&format!("p{i}"), &b);
+        want.extend_from_slice(&b);
+        names.push(format!("p{i}"));
+    }
+    let d = env.start();
+    let m = serde_json::json!({"output": "big.bin", "sources": names});
+    env.drop_renamed("in", "big.json", &m.to_string());
+    let work = env.path("in/.work");
+    wait_until(Duration::from_secs(30), || {
+        walk(&work)
+            .iter()
+            .any(|p| p.ends_with(".pieces") && fs::metadata(p).is_ok_and(|m| m.len() > 64))
+    });
+    assert_eq!(d.stop(), 0);
+    assert_eq!(
+        temps_in(&env.path("out")).len(),
+        1,
+        "the temporary output is kept"
+    );
+    want
 }
