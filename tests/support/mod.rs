@@ -218,3 +218,38 @@ pub fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// A tmpfs of a given size mounted at a folder (root only), unmounted on drop: a real full disk.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mount one; `None` when mounting is not possible here.
+    pub fn mount(dir: &Path, size: &str) -> Option<Self> {
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Self(dir.to_owned()))
+    }
+
+    /// [`Tmpfs::mount`] for a test that needs it: under CI (which runs as root and must run the
+    /// test) a failed mount panics; elsewhere the test is skipped, loudly (`None`).
+    pub fn mount_or_skip(dir: &Path, size: &str) -> Option<Self> {
+        let mount = Self::mount(dir, size);
+        if mount.is_none() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "cannot mount a tmpfs in CI"
+            );
+            eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        }
+        mount
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
