@@ -88,22 +88,9 @@ fn bad_query_values_answer_400_in_the_api_error_shape() {
 fn a_large_body_is_held_in_memory_once() {
     let mut api = ApiEnv::new("", "");
     let small = api.env.path("in");
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-        .arg(&small)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        eprintln!("skipped: cannot mount a tmpfs (not root?)");
+    let Some(_guard) = mount_tmpfs(&small, "1m") else {
         return;
-    }
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _guard = Unmount(small.clone());
+    };
     // The fixture's 4 KiB limit raised to the spec's default, 64 MiB.
     let rules = std::fs::read_to_string(api.env.rules()).unwrap();
     api.env

@@ -224,3 +224,27 @@ pub fn poll_job(api: &ApiEnv, id: &str) -> Value {
     });
     last
 }
+
+/// A tmpfs of `size` mounted over `dir`, unmounted when dropped; `None` (with a note) where
+/// mounting is not possible (not root).
+pub fn mount_tmpfs(dir: &std::path::Path, size: &str) -> Option<Unmount> {
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs (not root?)");
+        return None;
+    }
+    Some(Unmount(dir.to_owned()))
+}
+
+/// Unmounts its folder when dropped.
+pub struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
