@@ -93,10 +93,7 @@ impl ResultWatch {
             // Both are needed: a result missed in one would only be seen by the slow re-check.
             any.then_some(w)
         });
-        Self {
-            changes,
-            watcher,
-        }
+        Self { changes, watcher }
     }
 
     fn recheck(&self) -> Duration {
