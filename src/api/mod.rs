@@ -131,25 +131,16 @@ pub async fn start(
         socket = Some((path.clone(), ino));
         tracing::info!(socket = %path.display(), "api listening");
         let own = rustix::process::getuid().as_raw();
-        let uids = config.socket_uids.clone();
-        let conn = Conn::new(&router, &state, &slots, &tasks);
-        tasks.spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    r = listener.accept() => r,
-                    _ = conn.stop.cancelled() => break,
-                };
-                match accepted {
-                    Ok((stream, _)) => {
-                        let Some(permit) = conn.slot().await else {
-                            break;
-                        };
-                        let uid = stream.peer_cred().ok().map(|c| c.uid());
-                        let allowed = uid.is_some_and(|u| u == own || uids.contains(&u));
-                        conn.serve(stream, Peer::Unix { uid, allowed }, permit);
-                    }
-                    Err(e) => accept_failed(e).await,
-                }
+        let uids: Arc<[u32]> = config.socket_uids.clone().into();
+        let listener = Arc::new(listener);
+        Conn::new(&router, &state, &slots, &tasks).accept_loop(move || {
+            let listener = listener.clone();
+            let uids = uids.clone();
+            async move {
+                let (stream, _) = listener.accept().await?;
+                let uid = stream.peer_cred().ok().map(|c| c.uid());
+                let allowed = uid.is_some_and(|u| u == own || uids.contains(&u));
+                Ok((stream, Peer::Unix { uid, allowed }))
             }
         });
     }
@@ -161,23 +152,13 @@ pub async fn start(
         let bound = listener.local_addr().unwrap_or(addr);
         local_addr = Some(bound);
         tracing::info!(address = %bound, "api listening");
-        let conn = Conn::new(&router, &state, &slots, &tasks);
-        tasks.spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    r = listener.accept() => r,
-                    _ = conn.stop.cancelled() => break,
-                };
-                match accepted {
-                    Ok((stream, peer)) => {
-                        let Some(permit) = conn.slot().await else {
-                            break;
-                        };
-                        let _ = stream.set_nodelay(true);
-                        conn.serve(stream, Peer::Tcp(peer), permit);
-                    }
-                    Err(e) => accept_failed(e).await,
-                }
+        let listener = Arc::new(listener);
+        Conn::new(&router, &state, &slots, &tasks).accept_loop(move || {
+            let listener = listener.clone();
+            async move {
+                let (stream, peer) = listener.accept().await?;
+                let _ = stream.set_nodelay(true);
+                Ok((stream, Peer::Tcp(peer)))
             }
         });
     }
@@ -277,6 +258,33 @@ impl Conn {
             p = self.slots.clone().acquire_owned() => p.ok(),
             _ = self.stop.cancelled() => None,
         }
+    }
+
+    /// Accept connections with `accept` until stopping, each served once it has a slot.
+    fn accept_loop<S, F, Fut>(self, mut accept: F)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = std::io::Result<(S, Peer)>> + Send,
+    {
+        let tasks = self.tasks.clone();
+        tasks.spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    r = accept() => r,
+                    _ = self.stop.cancelled() => break,
+                };
+                match accepted {
+                    Ok((stream, peer)) => {
+                        let Some(permit) = self.slot().await else {
+                            break;
+                        };
+                        self.serve(stream, peer, permit);
+                    }
+                    Err(e) => accept_failed(e).await,
+                }
+            }
+        });
     }
 
     fn serve<S>(&self, stream: S, peer: Peer, permit: tokio::sync::OwnedSemaphorePermit)

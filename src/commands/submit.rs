@@ -153,26 +153,28 @@ pub fn run_api(
         };
         let path = format!("/v1/rules/{}/jobs{query}", urlencode(rule));
         let limit = timeout.unwrap_or(Duration::from_secs(24 * 3600)) + CALL_SLACK;
-        let answer = client::call(
+        // One call: its answer, or the exit code when it got none or was refused.
+        let ask = async |method, path: &str, content_type, body, limit| match client::call(
             &addr,
-            "POST",
-            &path,
+            method,
+            path,
             token.as_deref(),
-            Some(content_type),
-            bytes,
+            content_type,
+            body,
             limit,
         )
-        .await;
-        let answer = match answer {
-            Ok(a) => a,
+        .await
+        {
+            Ok(a) => refused(&addr, rule, &a).map_or(Ok(a), Err),
             Err(e) => {
                 eprintln!("concatd: {e}");
-                return Ok(1);
+                Err(1)
             }
         };
-        if let Some(code) = refused(&addr, rule, &answer) {
-            return Ok(code);
-        }
+        let answer = match ask("POST", &path, Some(content_type), bytes, limit).await {
+            Ok(a) => a,
+            Err(code) => return Ok(code),
+        };
         if answer.status != 202 {
             return print_result(&answer);
         }
@@ -193,11 +195,9 @@ pub fn run_api(
                 return Ok(1);
             }
             tokio::time::sleep(POLL_EVERY).await;
-            let answer = match client::call(
-                &addr,
+            let answer = match ask(
                 "GET",
                 &format!("/v1/jobs/{id}"),
-                token.as_deref(),
                 None,
                 Bytes::new(),
                 CALL_SLACK,
@@ -205,19 +205,11 @@ pub fn run_api(
             .await
             {
                 Ok(a) => a,
-                Err(e) => {
-                    eprintln!("concatd: {e}");
-                    return Ok(1);
-                }
+                Err(code) => return Ok(code),
             };
-            if let Some(code) = refused(&addr, rule, &answer) {
-                return Ok(code);
-            }
             let job: serde_json::Value = serde_json::from_slice(&answer.body)?;
             if let Some(result) = job.get("result") {
-                let result: JobResult = serde_json::from_value(result.clone())?;
-                println!("{}", serde_json::to_string_pretty(&result)?);
-                return Ok(result.exit_code());
+                return print_job(&serde_json::from_value(result.clone())?);
             }
         }
     })
@@ -257,10 +249,7 @@ fn refused(addr: &Addr, rule: &str, a: &Answer) -> Option<i32> {
 /// A sync call's answer: the result JSON (a failed job's too), or an error the server gave.
 fn print_result(a: &Answer) -> anyhow::Result<i32> {
     match serde_json::from_slice::<JobResult>(&a.body) {
-        Ok(result) => {
-            println!("{}", serde_json::to_string_pretty(&result)?);
-            Ok(result.exit_code())
-        }
+        Ok(result) => print_job(&result),
         Err(_) => {
             eprintln!(
                 "concatd: the API answered {}: {}",
@@ -270,6 +259,12 @@ fn print_result(a: &Answer) -> anyhow::Result<i32> {
             Ok(1)
         }
     }
+}
+
+/// Print a job's result; its exit code.
+fn print_job(result: &JobResult) -> anyhow::Result<i32> {
+    println!("{}", serde_json::to_string_pretty(result)?);
+    Ok(result.exit_code())
 }
 
 /// A rule name in a URL path (names are [a-z0-9_-]; anything else is escaped, never trusted).

@@ -62,7 +62,7 @@ pub fn find_result(watch: &Path, name: &OsStr, ino: u64) -> Option<JobResult> {
 pub struct ResultWatch {
     changes: watch::Receiver<u64>,
     /// `None` when inotify could not watch the folders: waiters then re-check more often.
-    _watcher: Option<notify::RecommendedWatcher>,
+    watcher: Option<notify::RecommendedWatcher>,
 }
 
 /// How often a waiter re-checks without an event: seldom with inotify, as a safety net; often
@@ -93,14 +93,11 @@ impl ResultWatch {
             // Both are needed: a result missed in one would only be seen by the slow re-check.
             any.then_some(w)
         });
-        Self {
-            changes,
-            _watcher: watcher,
-        }
+        Self { changes, watcher }
     }
 
     fn recheck(&self) -> Duration {
-        if self._watcher.is_some() {
+        if self.watcher.is_some() {
             RECHECK_WATCHED
         } else {
             RECHECK_UNWATCHED

@@ -225,12 +225,7 @@ fn submit_wait_exit_codes_and_timeout() {
     // Same name again: filed with a suffix, and --wait finds its own result.
     fs::write(&m, r#"{"output":"s2.bin","sources":["a","a"]}"#).unwrap();
     let out = env.submit_wait(&m, Some("10s"));
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_exit(&out, 0);
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["status"], "succeeded");
     assert!(r["output"].as_str().unwrap().ends_with("s2.bin"));
@@ -336,12 +331,7 @@ fn long_manifest_names_are_done_with_one_result() {
     let m = env.path("m").join(&second);
     fs::write(&m, "output: l2.bin\nsources: [a, a]\n").unwrap();
     let out = env.submit_wait(&m, Some("10s"));
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_exit(&out, 0);
     let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(printed["manifest"], second.as_str());
     std::thread::sleep(Duration::from_millis(300));
