@@ -438,7 +438,14 @@ impl Remote {
                 }),
             )?)
         };
-        let rt = self.clients.rt().clone();
+        let origin = remote::Origin {
+            rt: self.clients.rt().clone(),
+            target,
+            what: what.into_owned(),
+            version,
+            settings: settings.clone(),
+        };
+        let what = &origin.what;
         let first = match first {
             Some(fetched) if fetched.whole_object => {
                 // Registered while the map is locked, so no other piece's reader can skip past
@@ -453,18 +460,11 @@ impl Remote {
                     Some(fetched)
                 } else {
                     tracing::info!(
-                        source = %what, bytes = version.size,
+                        source = %what, bytes = origin.version.size,
                         "the server ignores Range requests: reading the object as one stream, its \
                          pieces in order"
                     );
-                    let stream = Arc::new(Stream::new(
-                        rt,
-                        target,
-                        &what,
-                        version,
-                        settings.clone(),
-                        fetched,
-                    ));
+                    let stream = Arc::new(Stream::new(origin, fetched));
                     streams.insert(pin.0, stream.clone());
                     let reader = stream.reader(range).expect("a new stream is at byte 0");
                     return Ok(RemoteRead::Stream(reader));
@@ -478,13 +478,7 @@ impl Remote {
             }
         };
         Ok(RemoteRead::Ranged(Box::new(RemoteReader::new(
-            rt,
-            target,
-            &what,
-            version,
-            settings.clone(),
-            range,
-            first,
+            origin, range, first,
         ))))
     }
 }
