@@ -55,18 +55,10 @@ pub(super) fn prepare<'a>(
     observe: &mut dyn FnMut(&Planned),
 ) -> Result<Prepared<'a>, Vec<JobError>> {
     let mut problems: Vec<JobError> = Vec::new();
-    let key = crate::output::s3::key_for(root, &manifest.output);
-    if let Err(e) = &key {
-        let e = JobError::Output(match e {
-            OutputError::NotAllowed { output, reason } => OutputError::NotAllowed {
-                output: output.clone(),
-                reason: reason.clone(),
-            },
-            other => OutputError::NotAllowed {
-                output: manifest.output.clone(),
-                reason: other.to_string(),
-            },
-        });
+    // Checked first so that it is refused before any source is planned (`layout::plan` derives
+    // the key again, past the point where it can fail).
+    if let Err(e) = crate::output::s3::key_for(root, &manifest.output) {
+        let e = JobError::Output(e);
         if refusals == Refusals::First {
             return Err(vec![e]);
         }
@@ -132,9 +124,7 @@ pub(super) fn prepare<'a>(
 
 /// `output_exists` when an object is at the output's key.
 fn exists_refusal(job: &S3Job, sources: &Sources) -> Result<(), JobError> {
-    let setup = |source| JobError::Sources { source };
-    let clients = sources.clients(&job.url).map_err(setup)?;
-    let s3 = clients.s3(&job.url).map_err(setup)?;
+    let (clients, s3) = store_clients(job, sources)?;
     let head = clients
         .rt()
         .block_on(crate::output::s3::head_object(
@@ -151,6 +141,23 @@ fn exists_refusal(job: &S3Job, sources: &Sources) -> Result<(), JobError> {
         .into()),
         None => Ok(()),
     }
+}
+
+/// The clients of the output's store (the rule's, shared with its `s3://` sources).
+fn store_clients(
+    job: &S3Job,
+    sources: &Sources,
+) -> Result<
+    (
+        Arc<crate::source::clients::Clients>,
+        Arc<crate::source::s3::S3Client>,
+    ),
+    JobError,
+> {
+    let setup = |source| JobError::Sources { source };
+    let clients = sources.clients(&job.url).map_err(setup)?;
+    let s3 = clients.s3(&job.url).map_err(setup)?;
+    Ok((clients, s3))
 }
 
 /// The result of a job that completed its S3 output, and its log line.
@@ -201,12 +208,7 @@ pub fn run(
     overwrite: bool,
 ) -> Result<Uploaded, JobError> {
     let rule = ctx.rule;
-    let clients = sources
-        .clients(&job.url)
-        .map_err(|source| JobError::Sources { source })?;
-    let s3 = clients
-        .s3(&job.url)
-        .map_err(|source| JobError::Sources { source })?;
+    let (clients, s3) = store_clients(job, sources)?;
     let out = Arc::new(S3Output::new(
         s3.sdk().clone(),
         &job.bucket,

@@ -438,8 +438,15 @@ impl Remote {
                 }),
             )?)
         };
-        let rt = self.clients.rt().clone();
-        match first {
+        let origin = remote::Origin {
+            rt: self.clients.rt().clone(),
+            target,
+            what: what.into_owned(),
+            version,
+            settings: settings.clone(),
+        };
+        let what = &origin.what;
+        let first = match first {
             Some(fetched) if fetched.whole_object => {
                 // Registered while the map is locked, so no other piece's reader can skip past
                 // this one's bytes before it is counted.
@@ -450,48 +457,29 @@ impl Remote {
                     }
                     // Too late for the object's stream: this response serves this range alone.
                     tracing::debug!(source = %what, at = range.start, "a piece opened after the stream passed it");
-                    return Ok(RemoteRead::Ranged(Box::new(RemoteReader::new(
-                        rt,
-                        target,
-                        &what,
-                        version,
-                        settings.clone(),
-                        range,
-                        Some(fetched),
-                    ))));
+                    Some(fetched)
+                } else {
+                    tracing::info!(
+                        source = %what, bytes = origin.version.size,
+                        "the server ignores Range requests: reading the object as one stream, its \
+                         pieces in order"
+                    );
+                    let stream = Arc::new(Stream::new(origin, fetched));
+                    streams.insert(pin.0, stream.clone());
+                    let reader = stream.reader(range).expect("a new stream is at byte 0");
+                    return Ok(RemoteRead::Stream(reader));
                 }
-                tracing::info!(
-                    source = %what, bytes = version.size,
-                    "the server ignores Range requests: reading the object as one stream, its \
-                     pieces in order"
-                );
-                let stream = Arc::new(Stream::new(
-                    rt,
-                    target,
-                    &what,
-                    version,
-                    settings.clone(),
-                    fetched,
-                ));
-                streams.insert(pin.0, stream.clone());
-                let reader = stream.reader(range).expect("a new stream is at byte 0");
-                Ok(RemoteRead::Stream(reader))
             }
             first => {
                 if first.is_some() && self.ranged.lock().expect("ranged lock").insert(pin.0) {
                     tracing::debug!(source = %what, "the server answers ranges: parallel requests");
                 }
-                Ok(RemoteRead::Ranged(Box::new(RemoteReader::new(
-                    rt,
-                    target,
-                    &what,
-                    version,
-                    settings.clone(),
-                    range,
-                    first,
-                ))))
+                first
             }
-        }
+        };
+        Ok(RemoteRead::Ranged(Box::new(RemoteReader::new(
+            origin, range, first,
+        ))))
     }
 }
 

@@ -339,13 +339,20 @@ struct State {
     failures: u32,
 }
 
+/// What a transfer of one pinned remote object reads, and how: shared by [`RemoteReader`] and
+/// the object's [`Stream`](super::stream::Stream).
+pub struct Origin {
+    pub rt: tokio::runtime::Handle,
+    pub target: Target,
+    /// The source as the logs show it (credentials redacted).
+    pub what: String,
+    pub version: Arc<Version>,
+    pub settings: RemoteConfig,
+}
+
 /// One ranged transfer of a remote source, read in order.
 pub struct RemoteReader {
-    rt: tokio::runtime::Handle,
-    target: Target,
-    what: String,
-    version: Arc<Version>,
-    settings: RemoteConfig,
+    origin: Origin,
     end: u64,
     state: Mutex<State>,
 }
@@ -353,22 +360,10 @@ pub struct RemoteReader {
 impl RemoteReader {
     /// A reader of `range` whose first response, `first`, is already there (it was sent at open,
     /// so refusals such as a changed object surface at open).
-    pub fn new(
-        rt: tokio::runtime::Handle,
-        target: Target,
-        what: &str,
-        version: Arc<Version>,
-        settings: RemoteConfig,
-        range: Range<u64>,
-        first: Option<Fetched>,
-    ) -> Self {
+    pub fn new(origin: Origin, range: Range<u64>, first: Option<Fetched>) -> Self {
         let body_whole = first.as_ref().is_some_and(|f| f.whole_object);
         Self {
-            rt,
-            target,
-            what: what.to_owned(),
-            version,
-            settings,
+            origin,
             end: range.end,
             state: Mutex::new(State {
                 body_pos: if body_whole { 0 } else { range.start },
@@ -395,7 +390,12 @@ impl RemoteReader {
                 st.pos
             )));
         }
-        block_on(&self.rt, cancel, &self.what, self.fill(&mut st, buf))
+        block_on(
+            &self.origin.rt,
+            cancel,
+            &self.origin.what,
+            self.fill(&mut st, buf),
+        )
     }
 
     async fn fill(&self, st: &mut State, buf: &mut [u8]) -> Result<usize, SourceError> {
@@ -408,13 +408,24 @@ impl RemoteReader {
                 st.pos += take as u64;
                 continue;
             }
-            let idle = self.settings.idle_timeout;
+            let idle = self.origin.settings.idle_timeout;
             let reason = match st.body.as_mut() {
                 // Resume from the last byte received, still pinned to the planned version; a
                 // server that ignores Range starts again from byte 0, and we skip to `pos`.
                 None => {
-                    let get = self.target.get(&self.what, &self.version, st.pos..self.end);
-                    match request(&self.settings, &self.what, &mut st.failures, get).await? {
+                    let get = self.origin.target.get(
+                        &self.origin.what,
+                        &self.origin.version,
+                        st.pos..self.end,
+                    );
+                    match request(
+                        &self.origin.settings,
+                        &self.origin.what,
+                        &mut st.failures,
+                        get,
+                    )
+                    .await?
+                    {
                         Request::Answered(fetched) => {
                             st.body_whole = fetched.whole_object;
                             st.body_pos = if fetched.whole_object { 0 } else { st.pos };
@@ -456,7 +467,14 @@ impl RemoteReader {
             // Bounded per transfer (one ranged request of at most `chunk_size`): a server that
             // keeps breaking is given up on even if each attempt brings a few bytes.
             st.failures += 1;
-            give_up_or_wait(&self.settings, &self.what, st.failures, reason, None).await?;
+            give_up_or_wait(
+                &self.origin.settings,
+                &self.origin.what,
+                st.failures,
+                reason,
+                None,
+            )
+            .await?;
         }
         if st.pos == self.end
             && !st.body_whole
@@ -465,7 +483,7 @@ impl RemoteReader {
             // Read to the end of the response so the connection can be reused, and make sure the
             // server sent no more than it promised.
             if let Ok(Some(Ok(extra))) =
-                tokio::time::timeout(self.settings.idle_timeout, body.next()).await
+                tokio::time::timeout(self.origin.settings.idle_timeout, body.next()).await
                 && !extra.is_empty()
             {
                 return Err(self.protocol("sent more bytes than the range asked for"));
@@ -476,7 +494,7 @@ impl RemoteReader {
 
     fn protocol(&self, reason: &str) -> SourceError {
         SourceError::Remote {
-            what: self.what.clone(),
+            what: self.origin.what.clone(),
             reason: reason.to_owned(),
         }
     }

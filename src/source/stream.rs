@@ -21,10 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::SourceError;
-use super::remote::{
-    Body, Cancel, Fetched, Request, Target, Version, block_on, give_up_or_wait, request,
-};
-use crate::config::RemoteConfig;
+use super::remote::{Body, Cancel, Fetched, Origin, Request, block_on, give_up_or_wait, request};
 
 /// How long a waiting reader sleeps before it looks at the cancel flag again.
 const WAIT: Duration = Duration::from_millis(20);
@@ -35,11 +32,7 @@ const GRACE: Duration = Duration::from_millis(200);
 
 /// The shared sequential transfer of one pinned object.
 pub struct Stream {
-    rt: tokio::runtime::Handle,
-    target: Target,
-    what: String,
-    version: Arc<Version>,
-    settings: RemoteConfig,
+    origin: Origin,
     state: Mutex<State>,
     moved: Condvar,
 }
@@ -57,20 +50,9 @@ struct State {
 
 impl Stream {
     /// The stream of `version`, starting with `first`, a response holding the whole object.
-    pub fn new(
-        rt: tokio::runtime::Handle,
-        target: Target,
-        what: &str,
-        version: Arc<Version>,
-        settings: RemoteConfig,
-        first: Fetched,
-    ) -> Self {
+    pub fn new(origin: Origin, first: Fetched) -> Self {
         Self {
-            rt,
-            target,
-            what: what.to_owned(),
-            version,
-            settings,
+            origin,
             state: Mutex::new(State {
                 body: Some(first.body),
                 pos: 0,
@@ -117,11 +99,11 @@ impl Stream {
         let mut skip_after = None;
         loop {
             if cancel.is_set() {
-                return Err(Cancel::error(&self.what));
+                return Err(Cancel::error(&self.origin.what));
             }
             if st.pos > offset {
                 // This reader came late (it opened after its bytes went by): start over.
-                tracing::debug!(source = %self.what, at = offset, "stream passed a reader: restarting it");
+                tracing::debug!(source = %self.origin.what, at = offset, "stream passed a reader: restarting it");
                 st.body = None;
                 st.pending = Bytes::new();
                 st.pos = 0;
@@ -156,26 +138,40 @@ impl Stream {
             }
             // Nothing pending at the stream's position: receive more (other readers wait).
             let st_ref = &mut *st;
-            block_on(&self.rt, cancel, &self.what, self.receive(st_ref))?;
+            block_on(
+                &self.origin.rt,
+                cancel,
+                &self.origin.what,
+                self.receive(st_ref),
+            )?;
         }
     }
 
     /// Receive the next bytes into `pending`, reconnecting (with retries) when needed.
     async fn receive(&self, st: &mut State) -> Result<(), SourceError> {
-        let idle = self.settings.idle_timeout;
+        let idle = self.origin.settings.idle_timeout;
         loop {
             let reason = match st.body.as_mut() {
                 None => {
-                    if st.pos >= self.version.size {
+                    if st.pos >= self.origin.version.size {
                         return Err(SourceError::Changed {
-                            what: self.what.clone(),
+                            what: self.origin.what.clone(),
                             reason: format!("it ended at byte {}, before the planned end", st.pos),
                         });
                     }
-                    let get = self
-                        .target
-                        .get(&self.what, &self.version, st.pos..self.version.size);
-                    match request(&self.settings, &self.what, &mut st.failures, get).await? {
+                    let get = self.origin.target.get(
+                        &self.origin.what,
+                        &self.origin.version,
+                        st.pos..self.origin.version.size,
+                    );
+                    match request(
+                        &self.origin.settings,
+                        &self.origin.what,
+                        &mut st.failures,
+                        get,
+                    )
+                    .await?
+                    {
                         Request::Answered(fetched) => {
                             // A server that can resume answers the range; one that cannot sends
                             // the object from byte 0 again.
@@ -192,12 +188,12 @@ impl Stream {
                 Some(body) => match tokio::time::timeout(idle, body.next()).await {
                     Ok(Some(Ok(bytes))) if bytes.is_empty() => continue,
                     Ok(Some(Ok(bytes))) => {
-                        if st.pos + bytes.len() as u64 > self.version.size {
+                        if st.pos + bytes.len() as u64 > self.origin.version.size {
                             return Err(SourceError::Remote {
-                                what: self.what.clone(),
+                                what: self.origin.what.clone(),
                                 reason: format!(
                                     "sent more than the {} bytes it announced",
-                                    self.version.size
+                                    self.origin.version.size
                                 ),
                             });
                         }
@@ -216,7 +212,7 @@ impl Stream {
             st.body = None;
             st.failures += 1;
             let n = st.failures;
-            give_up_or_wait(&self.settings, &self.what, n, reason, None).await?;
+            give_up_or_wait(&self.origin.settings, &self.origin.what, n, reason, None).await?;
         }
     }
 }

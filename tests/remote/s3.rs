@@ -15,6 +15,11 @@ impl Drop for Moto {
 }
 
 pub(crate) fn start_moto() -> Option<Moto> {
+    start_moto_logging(Stdio::null())
+}
+
+/// moto with its stderr, one line per request, sent to `log`.
+pub(crate) fn start_moto_logging(log: Stdio) -> Option<Moto> {
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -23,7 +28,7 @@ pub(crate) fn start_moto() -> Option<Moto> {
     let child = Command::new("moto_server")
         .args(["-H", "127.0.0.1", "-p", &port.to_string()])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .ok()?;
     let moto = Moto {
@@ -38,7 +43,7 @@ pub(crate) fn start_moto() -> Option<Moto> {
     Some(moto)
 }
 
-const AWS_ENV: [(&str, &str); 5] = [
+pub(crate) const AWS_ENV: [(&str, &str); 5] = [
     ("AWS_ACCESS_KEY_ID", "test"),
     ("AWS_SECRET_ACCESS_KEY", "test"),
     ("AWS_REGION", "us-east-1"),

@@ -6,26 +6,12 @@ use super::*;
 
 /// moto with its request log kept (werkzeug writes one line per request to stderr).
 struct Store {
-    child: std::process::Child,
-    endpoint: String,
+    moto: super::s3::Moto,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
 
-impl Drop for Store {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-const AWS_ENV: [(&str, &str); 5] = [
-    ("AWS_ACCESS_KEY_ID", "test"),
-    ("AWS_SECRET_ACCESS_KEY", "test"),
-    ("AWS_REGION", "us-east-1"),
-    ("AWS_EC2_METADATA_DISABLED", "true"),
-    ("AWS_CONFIG_FILE", "/dev/null"),
-];
+use super::s3::AWS_ENV;
 
 const MIB: usize = 1 << 20;
 
@@ -33,28 +19,12 @@ impl Store {
     fn start() -> Option<Self> {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("moto.log");
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .ok()?;
+        let moto = super::s3::start_moto_logging(std::fs::File::create(&log).unwrap().into())?;
         let store = Store {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
+            moto,
             log,
             _dir: dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
         store.py("s3.create_bucket(Bucket='bkt')");
         Some(store)
     }
@@ -63,7 +33,7 @@ impl Store {
     fn py(&self, code: &str) -> String {
         let script = format!(
             "import boto3, sys\ns3 = boto3.client('s3', endpoint_url='{}', region_name='us-east-1', aws_access_key_id='test', aws_secret_access_key='test')\n{code}\n",
-            self.endpoint
+            self.moto.endpoint
         );
         let out = Command::new("python3")
             .arg("-c")
@@ -152,7 +122,7 @@ impl S3Job {
         let rules = format!(
             "log_dir: logs\nrules:\n  - name: r\n    watch: in\n    output_root: s3://bkt/out/\n    source_root: src\n    allow:\n      urls: [{}]\n    s3:\n      endpoint: {}\n      region: us-east-1\n      path_style: true\n    remote:\n      connect_timeout: 2s\n      idle_timeout: 20s\n      attempts: 2\n      backoff: 10ms\n{extra}",
             urls.join(", "),
-            store.endpoint
+            store.moto.endpoint
         );
         std::fs::write(dir.path().join("rules.yaml"), rules).unwrap();
         S3Job { dir }
@@ -195,6 +165,14 @@ impl S3Job {
             "{}",
             String::from_utf8_lossy(&out.stdout)
         );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// `plan --json` of a manifest it must refuse (exit 1): the refusal.
+    fn plan_refused(&self, body: Value) -> Value {
+        let m = self.manifest(body);
+        let out = self.concatd(&["plan", "--json"], &m);
+        assert_eq!(out.status.code(), Some(1));
         serde_json::from_slice(&out.stdout).unwrap()
     }
 }
@@ -410,11 +388,9 @@ fn overwrite_false_refuses_and_keeps_the_old_object() {
     assert_eq!(r["error"]["kind"], "output_exists", "{r}");
     assert_eq!(store.get("out/taken.bin").unwrap(), b"the old object");
     assert_eq!(store.creates(), 0);
-    let m = job
-        .manifest(serde_json::json!({"output": "taken.bin", "sources": ["s3://bkt/data/o.bin"]}));
-    let out = job.concatd(&["plan", "--json"], &m);
-    assert_eq!(out.status.code(), Some(1));
-    let refused: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let refused = job.plan_refused(
+        serde_json::json!({"output": "taken.bin", "sources": ["s3://bkt/data/o.bin"]}),
+    );
     assert_eq!(refused["error"]["kind"], "output_exists", "{refused}");
 
     // Appearing while the job runs (its last source trickles for 7 s, longer than the SDK's
@@ -470,11 +446,8 @@ fn failures_leave_no_upload_and_no_object() {
         ["s3://bkt/data/o.bin", "s3://bkt/data/o.bin", server.url("lie/x.bin")]}));
     assert_eq!(r["error"]["kind"], "too_large", "{r}");
     assert_eq!(store.creates(), 0, "too_large is found before any upload");
-    let m = job.manifest(serde_json::json!({"output": "f.bin", "sources":
+    let refused = job.plan_refused(serde_json::json!({"output": "f.bin", "sources":
         ["s3://bkt/data/o.bin", "s3://bkt/data/o.bin"]}));
-    let out = job.concatd(&["plan", "--json"], &m);
-    assert_eq!(out.status.code(), Some(1));
-    let refused: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(refused["error"]["kind"], "too_large", "{refused}");
 
     // A source failing after the upload was created (its server sends half the bytes it

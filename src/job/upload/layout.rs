@@ -243,10 +243,7 @@ fn stored_checksums(job: &mut S3Job, sources: &Sources) {
     if !wanted.iter().all(|&s| qualifies(s)) {
         return;
     }
-    let Ok(clients) = sources.clients(&job.url) else {
-        return;
-    };
-    let Ok(s3) = clients.s3(&job.url) else {
+    let Ok((clients, s3)) = super::store_clients(job, sources) else {
         return;
     };
     for s in wanted {
