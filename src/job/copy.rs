@@ -80,7 +80,7 @@ pub(super) struct Copy<'a> {
     pub out_path: &'a Path,
     pub mode: WriteMode,
     /// The output's filesystem shares extents and the mode allows it: block-aligned runs of local
-    /// sources are shared with the output instead of copied (see [`Copy::share`]).
+    /// sources are shared with the output instead of copied (see [`Copy::pwrite`]).
     pub share: bool,
     pub ctx: &'a JobContext<'a>,
     /// Where finished pieces are recorded, for a rerun to resume from (daemon jobs).
@@ -125,10 +125,15 @@ impl Shared {
 
 /// How many pieces [`Copy::run`] cuts `plan`'s output into, with pieces of at most `max_piece`.
 pub(super) fn piece_count(plan: &Plan, max_piece: u64) -> u64 {
+    pieces(plan, max_piece).count() as u64
+}
+
+/// The pieces of `plan`'s output: at most `max_piece` long, and cut shorter where they would
+/// span more than [`MAX_SEGMENTS`] sources.
+fn pieces(plan: &Plan, max_piece: u64) -> Pieces<impl FnMut(u64, u64) -> bool + '_> {
     Pieces::new(plan.total, max_piece, |start, len| {
         plan.sources_in(start, len) > MAX_SEGMENTS
     })
-    .count() as u64
 }
 
 /// Workers for local sources: one per core.
@@ -260,9 +265,7 @@ impl Copy<'_> {
     /// Walk the sources again and hand out pieces with the ranges that fill them.
     fn produce(&self, tx: SyncSender<Work>, shared: &Shared) -> Result<(), JobError> {
         let plan = self.plan;
-        let mut pieces = Pieces::new(plan.total, self.max_piece, |start, len| {
-            plan.sources_in(start, len) > MAX_SEGMENTS
-        });
+        let mut pieces = pieces(plan, self.max_piece);
         let mut current = pieces.next();
         let mut segments = Vec::new();
         let mut resumed = self.resumed.iter().peekable();
