@@ -80,7 +80,7 @@ pub(super) struct Copy<'a> {
     pub out_path: &'a Path,
     pub mode: WriteMode,
     /// The output's filesystem shares extents and the mode allows it: block-aligned runs of local
-    /// sources are shared with the output instead of copied (see [`Copy::share`]).
+    /// sources are shared with the output instead of copied (see [`Copy::pwrite`]).
     pub share: bool,
     pub ctx: &'a JobContext<'a>,
     /// Where finished pieces are recorded, for a rerun to resume from (daemon jobs).
@@ -125,10 +125,15 @@ impl Shared {
 
 /// How many pieces [`Copy::run`] cuts `plan`'s output into, with pieces of at most `max_piece`.
 pub(super) fn piece_count(plan: &Plan, max_piece: u64) -> u64 {
+    pieces(plan, max_piece).count() as u64
+}
+
+/// The pieces of `plan`'s output: at most `max_piece` long, and cut shorter where they would
+/// span more than [`MAX_SEGMENTS`] sources.
+fn pieces(plan: &Plan, max_piece: u64) -> Pieces<impl FnMut(u64, u64) -> bool + '_> {
     Pieces::new(plan.total, max_piece, |start, len| {
         plan.sources_in(start, len) > MAX_SEGMENTS
     })
-    .count() as u64
 }
 
 /// Workers for local sources: one per core.
@@ -260,9 +265,7 @@ impl Copy<'_> {
     /// Walk the sources again and hand out pieces with the ranges that fill them.
     fn produce(&self, tx: SyncSender<Work>, shared: &Shared) -> Result<(), JobError> {
         let plan = self.plan;
-        let mut pieces = Pieces::new(plan.total, self.max_piece, |start, len| {
-            plan.sources_in(start, len) > MAX_SEGMENTS
-        });
+        let mut pieces = pieces(plan, self.max_piece);
         let mut current = pieces.next();
         let mut segments = Vec::new();
         let mut resumed = self.resumed.iter().peekable();
@@ -353,11 +356,11 @@ impl Copy<'_> {
             }
             let filled = match self.mode {
                 WriteMode::CopyFileRange if self.share && align > 0 => {
-                    self.share(&work, &mut block, align)
+                    self.pwrite(&work, &mut block, Some(align))
                 }
                 WriteMode::CopyFileRange => self.copy_file_range(&work, &mut block),
                 WriteMode::Mmap => self.mmap(&work),
-                WriteMode::Pwrite | WriteMode::Auto => self.pwrite(&work, &mut block),
+                WriteMode::Pwrite | WriteMode::Auto => self.pwrite(&work, &mut block, None),
             };
             match filled {
                 Ok(hash) => {
@@ -442,42 +445,20 @@ impl Copy<'_> {
 
     /// `pread` sources into a block, hash it while it is in cache, `pwrite` it. Small sources are
     /// packed into one block, so they cost one write per block, not one each.
-    fn pwrite(&self, work: &Work, block: &mut [u8]) -> Result<NodeHash, JobError> {
-        let mut hasher = PieceHasher::new(&work.piece);
-        let mut fill = 0;
-        let mut out_at = work.piece.start;
-        for seg in &work.segments {
-            let reader = self.open(seg)?;
-            let mut done = 0;
-            while done < seg.len {
-                let want = (seg.len - done).min((block.len() - fill) as u64) as usize;
-                let n = read_some(&reader, seg, &mut block[fill..fill + want], done)?;
-                fill += n;
-                done += n as u64;
-                if fill == block.len() {
-                    hasher.update(block);
-                    self.write_all(block, out_at)?;
-                    out_at += fill as u64;
-                    fill = 0;
-                }
-            }
-            recheck(&reader, seg)?;
-        }
-        if fill > 0 {
-            hasher.update(&block[..fill]);
-            self.write_all(&block[..fill], out_at)?;
-        }
-        Ok(hasher.finish())
-    }
-
-    /// Like [`Copy::pwrite`], but where a local source's range lies block-aligned in the output
-    /// (both offsets multiples of the filesystem's block size `align`), its whole blocks are
+    ///
+    /// With `share` (the filesystem's block size `align`), where a local source's range lies
+    /// block-aligned in the output (both offsets multiples of `align`), its whole blocks are
     /// shared with the output by `copy_file_range` — which on XFS (reflink) and Btrfs remaps
     /// extents instead of copying — and hashed by reading the source (from the page cache when
     /// warm). The rest — sub-block tails, and everything an unaligned source pushes off the block
-    /// grid — goes through the block as in `pwrite`, each write allocated just before it, since
-    /// in this mode the temporary file is not allocated up front (see `Allocate::UnlessShared`).
-    fn share(&self, work: &Work, block: &mut [u8], align: u64) -> Result<NodeHash, JobError> {
+    /// grid — goes through the block, each write allocated just before it, since in this mode the
+    /// temporary file is not allocated up front (see `Allocate::UnlessShared`).
+    fn pwrite(
+        &self,
+        work: &Work,
+        block: &mut [u8],
+        share: Option<u64>,
+    ) -> Result<NodeHash, JobError> {
         let mut hasher = PieceHasher::new(&work.piece);
         let mut fill = 0;
         let mut out_at = work.piece.start;
@@ -485,19 +466,15 @@ impl Copy<'_> {
             let reader = self.open(seg)?;
             let mut done = 0;
             let seg_at = out_at + fill as u64;
-            let whole = seg.len / align * align;
-            if whole >= SHARE_FROM
+            if let Some(align) = share
+                && seg.len / align * align >= SHARE_FROM
                 && seg_at.is_multiple_of(align)
                 && seg.src_offset.is_multiple_of(align)
                 && let Some(fd) = reader.fd()
             {
-                if fill > 0 {
-                    hasher.update(&block[..fill]);
-                    self.write_unshared(&block[..fill], out_at)?;
-                    out_at += fill as u64;
-                    fill = 0;
-                }
-                done = self.remap(fd, seg, seg_at, whole)?;
+                self.flush(&mut hasher, &block[..fill], &mut out_at, share)?;
+                fill = 0;
+                done = self.remap(fd, seg, seg_at, seg.len / align * align)?;
                 // Hash what the output now holds by reading the source, which shares it.
                 let mut at = 0;
                 while at < done {
@@ -514,19 +491,36 @@ impl Copy<'_> {
                 fill += n;
                 done += n as u64;
                 if fill == block.len() {
-                    hasher.update(block);
-                    self.write_unshared(block, out_at)?;
-                    out_at += fill as u64;
+                    self.flush(&mut hasher, block, &mut out_at, share)?;
                     fill = 0;
                 }
             }
             recheck(&reader, seg)?;
         }
-        if fill > 0 {
-            hasher.update(&block[..fill]);
-            self.write_unshared(&block[..fill], out_at)?;
-        }
+        self.flush(&mut hasher, &block[..fill], &mut out_at, share)?;
         Ok(hasher.finish())
+    }
+
+    /// Hash and write the filled part of [`Copy::pwrite`]'s block at `out_at`, and move past it;
+    /// in sharing mode allocating it first (see [`Copy::write_unshared`]).
+    fn flush(
+        &self,
+        hasher: &mut PieceHasher,
+        bytes: &[u8],
+        out_at: &mut u64,
+        share: Option<u64>,
+    ) -> Result<(), JobError> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        hasher.update(bytes);
+        if share.is_some() {
+            self.write_unshared(bytes, *out_at)?;
+        } else {
+            self.write_all(bytes, *out_at)?;
+        }
+        *out_at += bytes.len() as u64;
+        Ok(())
     }
 
     /// `copy_file_range` the first `len` bytes of `seg` to output offset `at`; how many bytes
@@ -550,7 +544,9 @@ impl Copy<'_> {
                     done += n as u64;
                     self.progress(n);
                 }
+                // Not possible between these two files: the caller copies the rest.
                 Err(Errno::XDEV | Errno::INVAL | Errno::OPNOTSUPP | Errno::NOSYS) => break,
+                // Either side may fail: a full disk is the output's, the rest the source's.
                 Err(e) if is_no_space(&e.into()) => return Err(self.write_failed(e.into())),
                 Err(e) => {
                     return Err(JobError::Source {
@@ -589,39 +585,9 @@ impl Copy<'_> {
             let reader = self.open(seg)?;
             let mut done = 0;
             if let Some(fd) = reader.fd() {
-                while done < seg.len {
-                    let mut src = seg.src_offset + done;
-                    let mut dst = out_at + done;
-                    let left = (seg.len - done).min(1 << 30) as usize;
-                    match rustix::fs::copy_file_range(
-                        fd,
-                        Some(&mut src),
-                        self.out,
-                        Some(&mut dst),
-                        left,
-                    ) {
-                        Ok(0) => return Err(ended_early(seg, done)),
-                        Ok(n) => {
-                            done += n as u64;
-                            self.progress(n);
-                        }
-                        // Not possible between these two files: copy the rest through a buffer.
-                        Err(Errno::XDEV | Errno::INVAL | Errno::OPNOTSUPP | Errno::NOSYS) => break,
-                        // Either side may fail: a full disk is the output's, the rest the source's.
-                        Err(e) if is_no_space(&e.into()) => {
-                            return Err(self.write_failed(e.into()));
-                        }
-                        Err(e) => {
-                            return Err(JobError::Source {
-                                number: seg.number,
-                                source: SourceError::ReadFailed {
-                                    what: seg.location.to_string(),
-                                    source: e.into(),
-                                },
-                            });
-                        }
-                    }
-                }
+                // Fewer than all when not possible between these two files: the rest goes
+                // through the buffer.
+                done = self.remap(fd, seg, out_at, seg.len)?;
             }
             while done < seg.len {
                 let want = (seg.len - done).min(block.len() as u64) as usize;

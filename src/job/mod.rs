@@ -615,7 +615,7 @@ fn execute(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> Result<Out
     };
     let journaled = journal.is_some();
     let mut mode = configured_mode;
-    // `auto` shares extents where the output's filesystem can (see copy::Copy::share).
+    // `auto` shares extents where the output's filesystem can (see copy::Copy::pwrite).
     let share = temp.reflinks() && allocate == crate::output::Allocate::UnlessShared;
     if share {
         mode = WriteMode::CopyFileRange;

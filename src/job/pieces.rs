@@ -5,8 +5,9 @@
 //! pass appends a record per finished piece — its range and its BLAKE3 subtree chaining value, so
 //! a reused piece need not be read again to hash it — but only once those bytes are durable in the
 //! temporary output: in batches, `fdatasync` of the temporary file first, then the records are
-//! appended and the journal `fdatasync`ed (with `fsync: false` both syncs are skipped and every record is volatile: the journal
-//! then serves a crashed process but not a crashed machine, like everything else of such a rule).
+//! appended and the journal `fdatasync`ed (with `fsync: false` both syncs are skipped and every
+//! record is volatile: the journal then serves a crashed process but not a crashed machine, like
+//! everything else of such a rule).
 //!
 //! A crash of the process alone loses nothing that was written: the page cache still holds the
 //! temporary file's bytes. So with `fsync: true` each finished piece is also recorded at once,
@@ -216,9 +217,7 @@ impl Journal {
 
     /// Record `done` at once, before its bytes are durable: trusted by a rerun in this boot.
     pub fn append_volatile(&self, done: &[Done]) -> std::io::Result<()> {
-        let bytes: Vec<u8> = done.iter().flat_map(|d| d.encode(true)).collect();
-        // One write in append mode: records of concurrent writers never interleave.
-        (&self.file).write_all(&bytes)
+        self.write(done, true)
     }
 
     /// Record `done`, whose bytes are in `temp`: made durable there first.
@@ -232,12 +231,17 @@ impl Journal {
         // Without fsync nothing made the temporary file's bytes durable: such records are only
         // as good as the page cache, so they are trusted in this boot alone (after a power loss
         // a durable-looking record could vouch for bytes that never reached the disk).
-        let bytes: Vec<u8> = done.iter().flat_map(|d| d.encode(!self.fsync)).collect();
-        (&self.file).write_all(&bytes)?;
+        self.write(done, !self.fsync)?;
         if self.fsync {
             self.file.sync_data()?;
         }
         Ok(())
+    }
+
+    fn write(&self, done: &[Done], volatile: bool) -> std::io::Result<()> {
+        let bytes: Vec<u8> = done.iter().flat_map(|d| d.encode(volatile)).collect();
+        // One write in append mode: records of concurrent writers never interleave.
+        (&self.file).write_all(&bytes)
     }
 }
 

@@ -131,7 +131,8 @@ impl LocalResolver {
             path,
             OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
         )?;
-        let st = regular(&self.shown(path), &fd)?;
+        // Named only on failure: this is once per segment read.
+        let st = regular(path, &fd).map_err(|e| e.named(|| self.shown(path)))?;
         if pin_of(&st) != pin {
             return Err(SourceError::Changed {
                 what: path.to_owned(),
@@ -172,8 +173,7 @@ impl LocalResolver {
             std::os::fd::AsRawFd::as_raw_fd(&fd)
         ))
         .ok()?;
-        let mtime = std::time::UNIX_EPOCH
-            + std::time::Duration::new(st.st_mtime as u64, st.st_mtime_nsec as u32);
+        let mtime = UNIX_EPOCH + Duration::new(st.st_mtime as u64, st.st_mtime_nsec as u32);
         Some(LocalDetail {
             resolved,
             dev: st.st_dev,
@@ -291,12 +291,12 @@ pub struct LocalDetail {
     pub dev: u64,
     pub ino: u64,
     pub size: u64,
-    pub mtime: std::time::SystemTime,
+    pub mtime: SystemTime,
 }
 
 impl SourceError {
-    /// The same refusal naming the source as `what()` says (resolution errors only: the ones
-    /// [`LocalResolver::open_beneath`] gives).
+    /// The same refusal naming the source as `what()` says (resolution and file-type errors
+    /// only: the ones [`LocalResolver::open_beneath`] and `regular` give).
     fn named(self, what: impl FnOnce() -> String) -> Self {
         match self {
             Self::NotFound { reason, .. } => Self::NotFound {
