@@ -16,6 +16,7 @@ mod pieces;
 pub mod plan;
 #[cfg(test)]
 mod plan_props;
+mod table;
 pub mod upload;
 mod verify;
 
@@ -427,7 +428,14 @@ pub fn prepare<'a>(
             return Err(problems);
         }
     };
-    let plan = plan::build(&manifest, &sources, rule.max_output_size, refusals, observe);
+    let plan = plan::build(
+        &manifest,
+        &sources,
+        rule.max_output_size,
+        refusals,
+        Some(local_root),
+        observe,
+    );
     match plan {
         Ok(plan) if problems.is_empty() => {
             tracing::info!(

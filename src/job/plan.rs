@@ -2,11 +2,14 @@
 //!
 //! The plan keeps 16 bytes per source — where it ends in the output and the [`Pin`] it was seen
 //! with — and nothing else: paths and ranges are streamed from the manifest again by the copy
-//! pass, so a 1,000,000-part job plans in 16 MB whatever its paths, and never holds its items.
+//! pass, so a job never holds its items whatever its paths. Past 65,536 sources that table
+//! spills to an anonymous file beside the output (see [`table`](super::table)), so the
+//! process's memory stays flat whatever the number of parts.
 
 use rayon::prelude::*;
 
 use super::JobError;
+use super::table::SourceTable;
 use crate::manifest::{Location, Manifest, SourceSpec};
 use crate::source::{Pin, Probe, Sources};
 
@@ -15,9 +18,8 @@ use crate::source::{Pin, Probe, Sources};
 pub struct Plan {
     /// Output size in bytes.
     pub total: u64,
-    /// End offset in the output of source `n` at `ends[n - 1]`.
-    ends: Vec<u64>,
-    pins: Vec<Pin>,
+    /// End offset in the output and pin of source `n` at entry `n - 1`.
+    table: SourceTable,
     /// Pins of the source lists, in order, so the copy pass reads the very lists planned.
     pub list_pins: Vec<Pin>,
     /// Some source carries its own `blake3`.
@@ -32,21 +34,21 @@ pub struct Plan {
 impl Plan {
     /// Number of sources.
     pub fn count(&self) -> u64 {
-        self.ends.len() as u64
+        self.table.len()
     }
 
     /// Output offset where source `n` (1-based) starts.
     pub fn start(&self, n: u64) -> u64 {
-        if n <= 1 { 0 } else { self.ends[n as usize - 2] }
+        if n <= 1 { 0 } else { self.table.end(n - 2) }
     }
 
     /// Bytes source `n` contributes.
     pub fn len(&self, n: u64) -> u64 {
-        self.ends[n as usize - 1] - self.start(n)
+        self.table.end(n - 1) - self.start(n)
     }
 
     pub fn pin(&self, n: u64) -> Pin {
-        self.pins[n as usize - 1]
+        self.table.get(n - 1).1
     }
 
     /// Opens the source lists again, in order, refusing any that is not the list planned: the
@@ -76,9 +78,9 @@ impl Plan {
 
     /// How many sources contribute bytes to the output range `[start, start + len)`.
     pub fn sources_in(&self, start: u64, len: u64) -> u64 {
-        let first = self.ends.partition_point(|&e| e <= start);
-        let last = self.ends.partition_point(|&e| e < start + len);
-        (last + 1).saturating_sub(first) as u64
+        let first = self.table.partition_point(|e| e <= start);
+        let last = self.table.partition_point(|e| e < start + len);
+        (last + 1).saturating_sub(first)
     }
 }
 
@@ -114,15 +116,20 @@ pub struct Planned<'a> {
 /// pass (and `max_output_size` is checked as each source arrives); with [`Refusals::All`] every
 /// source is probed and every refusal returned, in manifest order (a source list that cannot be
 /// opened or parsed still ends the pass: the numbers of the sources after it are unknown).
-/// `observe` sees each source that was planned, in order.
+/// `observe` sees each source that was planned, in order. A large plan's table spills into
+/// `spill` (the output's folder: see [`table`](super::table)).
 pub fn build(
     manifest: &Manifest,
     sources: &Sources,
     max_output_size: u64,
     refusals: Refusals,
+    spill: Option<&std::path::Path>,
     observe: &mut dyn FnMut(&Planned),
 ) -> Result<Plan, Vec<JobError>> {
-    let mut plan = Plan::default();
+    let mut plan = Plan {
+        table: SourceTable::new(spill),
+        ..Plan::default()
+    };
     let mut list_pins = Vec::new();
     let mut problems = Vec::new();
     let mut batch: Vec<(u64, SourceSpec)> = Vec::with_capacity(PROBE_BATCH);
@@ -156,6 +163,12 @@ pub fn build(
         return Err(problems);
     }
     plan.list_pins = list_pins;
+    if let Err(e) = plan.table.seal() {
+        problems.push(JobError::Internal(format!(
+            "cannot read back the plan's table of sources: {e}"
+        )));
+        return Err(problems);
+    }
     if plan.count() == 0 && problems.is_empty() {
         problems.push(JobError::Manifest(
             crate::manifest::ManifestError::Invalid {
@@ -291,8 +304,7 @@ impl Plan {
         tracing::debug!(source = n, location = %spec.location, offset, bytes = len, "source planned");
         self.source_hashes |= spec.blake3.is_some();
         self.remote |= matches!(spec.location, Location::Url(_));
-        self.ends.push(self.total);
-        self.pins.push(probe.pin);
+        self.table.push(self.total, probe.pin);
         for v in [n, probe.identity, offset, len] {
             self.identity.update(&v.to_le_bytes());
         }
@@ -314,10 +326,14 @@ mod tests {
 
     #[test]
     fn offsets_and_busy_ranges() {
+        let mut table = SourceTable::new(None);
+        for end in [4, 4, 7, 10] {
+            table.push(end, Pin(0));
+        }
+        table.seal().unwrap();
         let plan = Plan {
             total: 10,
-            ends: vec![4, 4, 7, 10],
-            pins: vec![Pin(0); 4],
+            table,
             ..Plan::default()
         };
         assert_eq!((plan.start(1), plan.len(1)), (0, 4));

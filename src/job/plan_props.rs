@@ -122,7 +122,7 @@ proptest! {
         let (manifest, want) = setup(dir.path(), &sizes, &items, listed);
         let whole: Vec<u8> = want.concat();
         let sources = Sources::new(&rule).unwrap();
-        let plan = super::plan::build(&manifest, &sources, rule.max_output_size, super::Refusals::First, &mut |_| {}).unwrap();
+        let plan = super::plan::build(&manifest, &sources, rule.max_output_size, super::Refusals::First, Some(dir.path()), &mut |_| {}).unwrap();
 
         // The plan's offsets and lengths lay the items end to end.
         prop_assert_eq!(plan.total, whole.len() as u64);

@@ -88,6 +88,8 @@ pub(super) fn prepare<'a>(
         &sources,
         rule.max_output_size,
         refusals,
+        // Kept in memory: the S3 planner holds every source's location anyway.
+        None,
         &mut keep,
     );
     let plan = match plan {
