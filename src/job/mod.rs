@@ -293,11 +293,21 @@ pub fn result_head(rule: &Rule, job_id: &str, manifest_path: &Path) -> ResultHea
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
         job_id: job_id.to_owned(),
-        // An S3 output writes no local file.
+        // An S3 output writes no local file. A job that publishes says what ran instead.
         write_mode: rule
             .output_root
             .local()
-            .map(|_| rule.write_mode.resolve().as_str().to_owned()),
+            .map(|root| expected_mode(rule, root).as_str().to_owned()),
+    }
+}
+
+/// The write mode a job of `rule` will run with its output under `root`: the rule's, resolved,
+/// except that `auto` shares extents as `copy_file_range` where `root`'s filesystem can (which
+/// the job itself finds out only once its temporary file exists; see `execute`).
+fn expected_mode(rule: &Rule, root: &Path) -> WriteMode {
+    match rule.write_mode {
+        WriteMode::Auto if crate::output::folder_shares_extents(root) => WriteMode::CopyFileRange,
+        mode => mode.resolve(),
     }
 }
 
@@ -514,7 +524,10 @@ impl Prepared<'_> {
             workers,
             piece_size,
             pieces: copy::piece_count(&self.plan, piece_size),
-            write_mode: rule.write_mode.resolve(),
+            write_mode: rule
+                .output_root
+                .local()
+                .map_or(rule.write_mode.resolve(), |root| expected_mode(rule, root)),
         }
     }
 }

@@ -31,7 +31,7 @@ impl Env {
         )
     }
 
-    fn plan_json(&self, name: &str, manifest: &str) -> (i32, Value) {
+    pub(crate) fn plan_json(&self, name: &str, manifest: &str) -> (i32, Value) {
         let (code, stdout, stderr) = self.plan(name, manifest, true);
         let v = serde_json::from_str(&stdout)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}\nstderr: {stderr}"));

@@ -265,12 +265,17 @@ fn full_filesystem(fs: &str) {
             &[&big[..], &big].concat(),
         );
         // Unaligned after the first byte: 32 MiB to write into about 8 MiB.
-        env.fails(
+        let r = env.fails(
             "m2.json",
             &json(j!({"output": "odd.bin", "sources": ["odd", "big"]})),
             "no_space",
             "odd.bin",
         );
+        // A failed job, and `plan`, say what the mode runs here.
+        assert_eq!(r["write_mode"], "copy_file_range", "{fs} {mode}: {r:#}");
+        let (code, p) = env.plan_json("p.json", &json(j!({"output": "p.bin", "sources": ["big"]})));
+        assert_eq!(code, 0, "{p:#}");
+        assert_eq!(p["write_mode"], "copy_file_range", "{fs} {mode}: {p:#}");
         let after = free(&img.mnt);
         assert!(
             after + (1 << 20) >= left,
