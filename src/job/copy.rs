@@ -39,8 +39,9 @@ const BLOCK: usize = 256 << 10;
 /// stay bounded (about 2 × this × [`MAX_PIECE`] per worker).
 const WRITE_BEHIND: usize = 4;
 /// Shorter aligned runs are copied rather than shared: remapping costs a filesystem transaction
-/// per call (20,000 sources of 4 KiB shared took longer than `cat`, while copying them takes a
-/// tenth of that), so only runs worth a transaction are shared.
+/// per call, so only runs worth a transaction are shared. Measured on XFS (64 MiB of equal
+/// sources, page cache warm, fsync off): 4,096 sources of 16 KiB took 46 ms shared and 40 ms
+/// copied, 1,024 of 64 KiB 23 ms shared and 26 ms copied (256 KiB: 17 and 22 ms).
 const SHARE_FROM: u64 = 64 << 10;
 /// Finished pieces are journaled at least this often (and every 1/32 of the output, see
 /// [`Copy::journal`]), so a crash loses at most about this much copying.
