@@ -38,8 +38,9 @@ root_of() { # fs: the folder its data and outputs live in (mounting images on fi
       if ! mountpoint -q "$mnt"; then
         mkdir -p "$mnt"
         rm -f "$dir/$1.img"; truncate -s 4G "$dir/$1.img"
-        if [ "$1" = xfs ]; then mkfs.xfs -q -m reflink=1 "$dir/$1.img"; else mkfs.btrfs -q "$dir/$1.img"; fi
-        mount -o loop "$dir/$1.img" "$mnt"
+        # mkfs and mount must not print on stdout: it is the folder this function returns.
+        if [ "$1" = xfs ]; then mkfs.xfs -q -m reflink=1 "$dir/$1.img"; else mkfs.btrfs -q "$dir/$1.img"; fi >&2
+        mount -o loop "$dir/$1.img" "$mnt" >&2
       fi
       echo "$mnt" ;;
   esac

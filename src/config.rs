@@ -30,7 +30,9 @@ pub enum WriteMode {
     Auto,
     /// `pread` each source into a small buffer, hash it while it is in cache, `pwrite` it.
     Pwrite,
-    /// In-kernel `copy_file_range` from each source, then hash the written range from cache.
+    /// In-kernel `copy_file_range` of each long source range a block at a time, each block hashed
+    /// from a read-only map of the output right after; short ranges go through the buffer as in
+    /// `Pwrite`. Shares extents where the output's filesystem can.
     CopyFileRange,
     /// `pread` each source straight into a bounded memory-mapped window of the output.
     Mmap,
@@ -57,13 +59,13 @@ impl WriteMode {
         })
     }
 
-    /// The concrete mode a job uses. `auto` is `pwrite`: on the benchmarks in `bench/` it was the
-    /// fastest for large, medium and small sources alike (README, "Write modes"). Where the
-    /// output's filesystem shares extents, a job running `auto` shares them as `copy_file_range`
-    /// does instead (decided when its temporary file is created; its result says so).
+    /// The concrete mode a job uses. `auto` is `copy_file_range`: on the benchmarks in `bench/`
+    /// it was the fastest for large and medium sources and as fast as `pwrite` for small ones,
+    /// which it packs through the same buffer (README, "Write modes"). Where the output's
+    /// filesystem shares extents, `copy_file_range` shares them.
     pub fn resolve(self) -> Self {
         match self {
-            Self::Auto => Self::Pwrite,
+            Self::Auto => Self::CopyFileRange,
             other => other,
         }
     }

@@ -5,7 +5,7 @@
 //! The JSON document (`--json`), fields may be added:
 //! ```text
 //! {"status": "planned", "rule", "manifest", "output": "/abs/path", "overwrite": false,
-//!  "checksum_file": true, "fsync": true, "size": N, "source_count": N, "write_mode": "pwrite",
+//!  "checksum_file": true, "fsync": true, "size": N, "source_count": N, "write_mode": "copy_file_range",
 //!  "sources": [{"number": 1, "location": "a.bin" (as written, credentials redacted),
 //!               "resolved": "/srv/data/a.bin" (local: the file opened, symlinks followed),
 //!               "output_offset", "offset", "length" (the range taken), "object_size",

@@ -43,6 +43,13 @@ const WRITE_BEHIND: usize = 4;
 /// sources, page cache warm, fsync off): 4,096 sources of 16 KiB took 46 ms shared and 40 ms
 /// copied, 1,024 of 64 KiB 23 ms shared and 26 ms copied (256 KiB: 17 and 22 ms).
 const SHARE_FROM: u64 = 64 << 10;
+/// In `copy_file_range` mode (and so `auto`), local source ranges at least this long are copied in
+/// the kernel block by block, each block hashed right after from a read-only map of the output,
+/// which the copy has just put in the page cache: the bytes are copied once (source page to
+/// output page) instead of twice (into the buffer, out of it). Shorter ranges are packed into the
+/// buffer as in `pwrite` mode: a system call each would cost more than the copy it saves. L (16 x
+/// 64 MiB, ext4, warm): see the README, "Write modes".
+const KERNEL_COPY_FROM: u64 = 64 << 10;
 /// Finished pieces are journaled at least this often (and every 1/32 of the output, see
 /// [`Copy::journal`]), so a crash loses at most about this much copying.
 const JOURNAL_EVERY: Duration = Duration::from_secs(1);
@@ -59,6 +66,18 @@ struct Segment {
 struct Work {
     piece: Piece,
     segments: Vec<Segment>,
+}
+
+/// How [`Copy::pwrite`] places the bytes of local sources that lie well for it.
+#[derive(Debug, Clone, Copy)]
+enum Placement {
+    /// Everything through the buffer (`pwrite` mode).
+    Buffer,
+    /// Long ranges copied in the kernel and hashed from the output (see [`KERNEL_COPY_FROM`]).
+    KernelCopy,
+    /// Long block-aligned ranges shared with the output (reflink filesystems; the filesystem's
+    /// block size).
+    Share { align: u64 },
 }
 
 /// The copy pass of one job.
@@ -351,11 +370,13 @@ impl Copy<'_> {
             }
             let filled = match self.mode {
                 WriteMode::CopyFileRange if self.share && align > 0 => {
-                    self.pwrite(&work, &mut block, Some(align))
+                    self.pwrite(&work, &mut block, Placement::Share { align })
                 }
-                WriteMode::CopyFileRange => self.copy_file_range(&work, &mut block),
+                WriteMode::CopyFileRange | WriteMode::Auto => {
+                    self.pwrite(&work, &mut block, Placement::KernelCopy)
+                }
                 WriteMode::Mmap => self.mmap(&work),
-                WriteMode::Pwrite | WriteMode::Auto => self.pwrite(&work, &mut block, None),
+                WriteMode::Pwrite => self.pwrite(&work, &mut block, Placement::Buffer),
             };
             match filled {
                 Ok(hash) => {
@@ -439,20 +460,28 @@ impl Copy<'_> {
     /// `pread` sources into a block, hash it while it is in cache, `pwrite` it. Small sources are
     /// packed into one block, so they cost one write per block, not one each.
     ///
-    /// With `share` (the filesystem's block size `align`), where a local source's range lies
-    /// block-aligned in the output (both offsets multiples of `align`), its whole blocks are
-    /// shared with the output by `copy_file_range` — which on XFS (reflink) and Btrfs remaps
-    /// extents instead of copying — and hashed by reading the source (from the page cache when
-    /// warm). The rest — sub-block tails, and everything an unaligned source pushes off the block
-    /// grid — goes through the block, each write allocated just before it, since in this mode the
-    /// temporary file is not allocated up front (see `Allocate::UnlessShared`).
-    fn pwrite(
-        &self,
-        work: &Work,
-        block: &mut [u8],
-        share: Option<u64>,
-    ) -> Result<NodeHash, JobError> {
+    /// With [`Placement::KernelCopy`], a local source's range of [`KERNEL_COPY_FROM`] bytes or
+    /// more is copied by `copy_file_range` a block at a time instead, each block hashed right
+    /// after from a read-only map of this piece of the output (where the copy just put it).
+    ///
+    /// With [`Placement::Share`] (the filesystem's block size `align`), where a local source's
+    /// range lies block-aligned in the output (both offsets multiples of `align`), its whole
+    /// blocks are shared with the output by `copy_file_range` — which on XFS (reflink) and Btrfs
+    /// remaps extents instead of copying — and hashed by reading the source (from the page cache
+    /// when warm; the output's own page cache holds none of them). The rest — sub-block tails,
+    /// and everything an unaligned source pushes off the block grid — goes through the block,
+    /// each write allocated just before it, since in this mode the temporary file is not
+    /// allocated up front (see `Allocate::UnlessShared`).
+    ///
+    /// Where the kernel cannot copy between the two files (`EXDEV` and the like), the rest of the
+    /// range goes through the buffer.
+    fn pwrite(&self, work: &Work, block: &mut [u8], how: Placement) -> Result<NodeHash, JobError> {
+        let share = match how {
+            Placement::Share { align } => Some(align),
+            _ => None,
+        };
         let mut hasher = PieceHasher::new(&work.piece);
+        let mut window: Option<OutputWindow> = None;
         let mut fill = 0;
         let mut out_at = work.piece.start;
         for seg in &work.segments {
@@ -467,7 +496,7 @@ impl Copy<'_> {
             {
                 self.flush(&mut hasher, &block[..fill], &mut out_at, share)?;
                 fill = 0;
-                done = self.remap(fd, seg, seg_at, seg.len / align * align)?;
+                done = self.remap(fd, seg, 0, seg_at, seg.len / align * align)?;
                 // Hash what the output now holds by reading the source, which shares it.
                 let mut at = 0;
                 while at < done {
@@ -477,6 +506,28 @@ impl Copy<'_> {
                     at += n as u64;
                 }
                 out_at += done;
+            } else if matches!(how, Placement::KernelCopy)
+                && seg.len >= KERNEL_COPY_FROM
+                && let Some(fd) = reader.fd()
+            {
+                self.flush(&mut hasher, &block[..fill], &mut out_at, share)?;
+                fill = 0;
+                while done < seg.len {
+                    let want = (seg.len - done).min(block.len() as u64);
+                    let n = self.remap(fd, seg, done, out_at, want)?;
+                    if n > 0 {
+                        let window = match &mut window {
+                            Some(w) => w,
+                            None => window.insert(self.window(&work.piece)?),
+                        };
+                        hasher.update(window.bytes(out_at, n));
+                    }
+                    done += n;
+                    out_at += n;
+                    if n < want {
+                        break;
+                    }
+                }
             }
             while done < seg.len {
                 let want = (seg.len - done).min((block.len() - fill) as u64) as usize;
@@ -492,6 +543,28 @@ impl Copy<'_> {
         }
         self.flush(&mut hasher, &block[..fill], &mut out_at, share)?;
         Ok(hasher.finish())
+    }
+
+    /// A read-only map of `piece`'s range of the output, for hashing what the kernel copied.
+    fn window(&self, piece: &Piece) -> Result<OutputWindow, JobError> {
+        let page = rustix::param::page_size() as u64;
+        let start = piece.start / page * page;
+        let len = usize::try_from(piece.end() - start)
+            .map_err(|_| JobError::Internal("a piece larger than memory".into()))?;
+        // SAFETY: the map is read-only and covers only our own temporary file, created new
+        // (O_EXCL) under a hidden name and sized to the whole output before the copy began (it
+        // is never truncated while the job runs), so every mapped page lies inside the file and
+        // reading it cannot fault past its end. Only bytes the kernel has reported copied are
+        // read, and no process has a reason to open the file, let alone shrink it (the same
+        // argument as for `mmap` mode).
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(start)
+                .len(len)
+                .map(self.out)
+        }
+        .map_err(|e| self.write_failed(e))?;
+        Ok(OutputWindow { map, start })
     }
 
     /// Hash and write the filled part of [`Copy::pwrite`]'s block at `out_at`, and move past it;
@@ -516,23 +589,25 @@ impl Copy<'_> {
         Ok(())
     }
 
-    /// `copy_file_range` the first `len` bytes of `seg` to output offset `at`; how many bytes
-    /// went (fewer when the kernel cannot copy between these two files: the caller copies the
-    /// rest through its buffer).
+    /// `copy_file_range` `len` bytes of `seg`, `from` bytes into it, to output offset `at`; how
+    /// many bytes went (fewer when the kernel cannot copy between these two files, or the source
+    /// ends early: the caller copies the rest through its buffer, which tells a truncated source
+    /// from a filesystem whose files do not copy this way).
     fn remap(
         &self,
         fd: std::os::fd::BorrowedFd<'_>,
         seg: &Segment,
+        from: u64,
         at: u64,
         len: u64,
     ) -> Result<u64, JobError> {
         let mut done = 0;
         while done < len {
-            let mut src = seg.src_offset + done;
+            let mut src = seg.src_offset + from + done;
             let mut dst = at + done;
             let left = (len - done).min(1 << 30) as usize;
             match rustix::fs::copy_file_range(fd, Some(&mut src), self.out, Some(&mut dst), left) {
-                Ok(0) => return Err(ended_early(seg, done)),
+                Ok(0) => break,
                 Ok(n) => {
                     done += n as u64;
                     self.progress(n);
@@ -568,40 +643,6 @@ impl Copy<'_> {
             Err(e) => return Err(self.write_failed(e.into())),
         }
         self.write_all(bytes, at)
-    }
-
-    /// In-kernel copies (no bytes through user space), then one hashing read of the piece, which
-    /// the copies just left in the page cache.
-    fn copy_file_range(&self, work: &Work, block: &mut [u8]) -> Result<NodeHash, JobError> {
-        let mut out_at = work.piece.start;
-        for seg in &work.segments {
-            let reader = self.open(seg)?;
-            let mut done = 0;
-            if let Some(fd) = reader.fd() {
-                // Fewer than all when not possible between these two files: the rest goes
-                // through the buffer.
-                done = self.remap(fd, seg, out_at, seg.len)?;
-            }
-            while done < seg.len {
-                let want = (seg.len - done).min(block.len() as u64) as usize;
-                let n = read_some(&reader, seg, &mut block[..want], done)?;
-                self.write_all(&block[..n], out_at + done)?;
-                done += n as u64;
-            }
-            recheck(&reader, seg)?;
-            out_at += seg.len;
-        }
-        let mut hasher = PieceHasher::new(&work.piece);
-        let mut at = work.piece.start;
-        while at < work.piece.end() {
-            let want = (work.piece.end() - at).min(block.len() as u64) as usize;
-            self.out
-                .read_exact_at(&mut block[..want], at)
-                .map_err(|e| self.write_failed(e))?;
-            hasher.update(&block[..want]);
-            at += want as u64;
-        }
-        Ok(hasher.finish())
     }
 
     /// `pread` sources straight into a memory map of this piece of the output (a bounded window,
@@ -656,6 +697,26 @@ impl Copy<'_> {
 
     fn write_failed(&self, e: std::io::Error) -> JobError {
         JobError::Output(io_error(self.out_path, "writing", e))
+    }
+}
+
+/// A read-only map of a piece's range of the output (from the page boundary below it).
+struct OutputWindow {
+    map: memmap2::Mmap,
+    /// Output offset of the map's first byte.
+    start: u64,
+}
+
+impl OutputWindow {
+    /// The `len` bytes of the output at offset `at` (inside the piece).
+    fn bytes(&self, at: u64, len: u64) -> &[u8] {
+        let (from, len) = ((at - self.start) as usize, len as usize);
+        // Map the range's pages (in the page cache: the copy just wrote them) in one call rather
+        // than a fault per few pages. Advice only: without it the pages fault in as read.
+        let _ = self
+            .map
+            .advise_range(memmap2::Advice::PopulateRead, from, len);
+        &self.map[from..from + len]
     }
 }
 

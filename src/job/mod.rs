@@ -297,17 +297,7 @@ pub fn result_head(rule: &Rule, job_id: &str, manifest_path: &Path) -> ResultHea
         write_mode: rule
             .output_root
             .local()
-            .map(|root| expected_mode(rule, root).as_str().to_owned()),
-    }
-}
-
-/// The write mode a job of `rule` will run with its output under `root`: the rule's, resolved,
-/// except that `auto` shares extents as `copy_file_range` where `root`'s filesystem can (which
-/// the job itself finds out only once its temporary file exists; see `execute`).
-fn expected_mode(rule: &Rule, root: &Path) -> WriteMode {
-    match rule.write_mode {
-        WriteMode::Auto if crate::output::folder_shares_extents(root) => WriteMode::CopyFileRange,
-        mode => mode.resolve(),
+            .map(|_| rule.write_mode.resolve().as_str().to_owned()),
     }
 }
 
@@ -510,9 +500,9 @@ pub struct Layout {
     /// Largest piece of output copied and hashed as a unit.
     pub piece_size: u64,
     pub pieces: u64,
-    /// The write mode the rule resolves to (`mmap` falls back to `pwrite` where the output's
-    /// filesystem cannot allocate, and `auto` shares extents as `copy_file_range` where it can,
-    /// which only creating the file finds out).
+    /// The write mode the rule resolves to (`auto` is `copy_file_range`; `mmap` falls back to
+    /// `pwrite` where the output's filesystem cannot allocate, which only creating the file finds
+    /// out).
     pub write_mode: WriteMode,
 }
 
@@ -524,10 +514,7 @@ impl Prepared<'_> {
             workers,
             piece_size,
             pieces: copy::piece_count(&self.plan, piece_size),
-            write_mode: rule
-                .output_root
-                .local()
-                .map_or(rule.write_mode.resolve(), |root| expected_mode(rule, root)),
+            write_mode: rule.write_mode.resolve(),
         }
     }
 }

@@ -296,13 +296,6 @@ pub enum Allocate {
 /// `copy_file_range` tries first on the same filesystem). Cloning a file onto itself changes
 /// nothing: an empty file answers `Ok`, a non-empty one `EINVAL` (overlapping ranges), where a
 /// filesystem without extent sharing answers `EOPNOTSUPP` (ext4, tmpfs, XFS without reflink).
-/// Whether files created in `dir` share extents: the probe of [`TempOutput::reflinks`], made on
-/// an anonymous temporary file (`O_TMPFILE`: nothing appears in `dir`) for what must know before
-/// a job's temporary file exists — `concatd plan`, and results of jobs that fail before it.
-pub fn folder_shares_extents(dir: &Path) -> bool {
-    tempfile::tempfile_in(dir).is_ok_and(|file| shares_extents(&file))
-}
-
 fn shares_extents(file: &File) -> bool {
     matches!(
         rustix::fs::ioctl_ficlone(file, file),

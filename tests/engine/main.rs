@@ -303,7 +303,11 @@ fn every_write_mode_across_window_boundaries() {
         let r = env.succeeds(&m, "w.bin", &want);
         assert_eq!(
             r["write_mode"],
-            if mode == "auto" { "pwrite" } else { mode }
+            if mode == "auto" {
+                "copy_file_range"
+            } else {
+                mode
+            }
         );
     }
 }
