@@ -99,7 +99,9 @@ impl SourceTable {
                 self.heap.clear();
             }
             Err(e) => {
-                // Bytes past `entries` may be half written; they are never read.
+                // Bytes past `entries` may be half written: cut them off, or they would hold
+                // space on the output's filesystem (full, likely) that the output needs.
+                let _ = spill.file.set_len(spill.entries * ENTRY);
                 tracing::debug!(error = %e, "plan table: cannot spill; the rest is kept in memory");
                 spill.stopped = true;
             }
