@@ -59,7 +59,8 @@ fn a_spill_that_fills_the_output_filesystem_leaves_room_for_the_output() {
     };
     env.data("x", b"a");
     env.data("list.txt", "x\n".repeat(131_073).as_bytes());
-    let m = json(serde_json::json!({"output": "o.bin", "sources": [], "source_lists": ["list.txt"]}));
+    let m =
+        json(serde_json::json!({"output": "o.bin", "sources": [], "source_lists": ["list.txt"]}));
     let r = env.succeeds(&m, "o.bin", &vec![b'a'; 131_073]);
     assert_eq!(r["sources"], 131_073);
 }
