@@ -137,6 +137,25 @@ impl SourceTable {
         Ok(())
     }
 
+    /// Give the spill file's space back to its filesystem: read the spilled entries onto the
+    /// heap and close the file. For when the output's filesystem turns out too full for the
+    /// output beside the table (spilling is never a reason to fail). False when nothing was
+    /// spilled.
+    pub fn unspill(&mut self) -> bool {
+        let spilled = self.spilled();
+        if spilled == 0 || self.spill.as_ref().is_none_or(|s| s.map.is_none()) {
+            return false;
+        }
+        let mut all = Vec::with_capacity((spilled as usize).saturating_add(self.heap.len()));
+        for i in 0..spilled {
+            all.push(self.get(i));
+        }
+        all.append(&mut self.heap);
+        self.heap = all;
+        self.spill = None;
+        true
+    }
+
     /// Entry `i` (0-based).
     pub fn get(&self, i: u64) -> (u64, Pin) {
         let spilled = self.spilled();
@@ -212,6 +231,19 @@ mod tests {
         }
         // The spill file is anonymous: nothing is left in the folder.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn an_unspilled_table_reads_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = filled(Some(dir.path()), 8);
+        assert!(t.is_spilled());
+        assert!(t.unspill());
+        assert!(!t.is_spilled() && !t.unspill());
+        assert_eq!(t.len(), 8);
+        for i in 0..8 {
+            assert_eq!(t.get(i), (i * 10, Pin(i ^ 0xabcd)));
+        }
     }
 
     #[test]

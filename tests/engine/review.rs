@@ -64,3 +64,21 @@ fn a_spill_that_fills_the_output_filesystem_leaves_room_for_the_output() {
     let r = env.succeeds(&m, "o.bin", &vec![b'a'; 131_073]);
     assert_eq!(r["sources"], 131_073);
 }
+
+/// A spill that succeeds still takes room on the output's filesystem: 65,537 one-byte sources
+/// (a 64 KiB output, a 1 MiB table) on a 1,060 KiB output filesystem. Before the fix the job
+/// failed `no_space` at the allocation although the output alone fits; now the table moves back
+/// to memory and the allocation is tried again.
+#[test]
+fn a_spilled_table_gives_way_to_the_output_on_a_full_filesystem() {
+    let env = Env::new("    fsync: false\n");
+    let Some(_fs) = Tmpfs::over(&env.path("out"), 1060) else {
+        return;
+    };
+    env.data("x", b"a");
+    env.data("list.txt", "x\n".repeat(65_537).as_bytes());
+    let m =
+        json(serde_json::json!({"output": "o.bin", "sources": [], "source_lists": ["list.txt"]}));
+    let r = env.succeeds(&m, "o.bin", &vec![b'a'; 65_537]);
+    assert_eq!(r["sources"], 65_537);
+}
