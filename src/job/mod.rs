@@ -606,15 +606,25 @@ fn execute(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> Result<Out
     let (temp, journal, resumed) = match ctx.pieces {
         Some(path) if plan.total > 0 => {
             let fingerprint = copy::fingerprint(&plan, max_piece, configured_mode);
-            pieces::start(
-                path,
-                &fingerprint,
-                &target,
-                &ctx.job_id,
-                plan.total,
-                rule.fsync,
-                allocate,
-            )?
+            let start = || {
+                pieces::start(
+                    path,
+                    &fingerprint,
+                    &target,
+                    &ctx.job_id,
+                    plan_total,
+                    rule.fsync,
+                    allocate,
+                )
+            };
+            match start() {
+                // As below: the spilled table may hold the room the output needs.
+                Err(crate::output::OutputError::NoSpace { .. }) if plan.unspill() => {
+                    tracing::info!(job_id = %ctx.job_id, "no room for the output beside the plan's spilled table: table moved to memory");
+                    start()?
+                }
+                r => r?,
+            }
         }
         _ => {
             let temp = match target.create_temp_with(&ctx.job_id, plan.total, allocate) {
