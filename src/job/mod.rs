@@ -547,7 +547,7 @@ fn execute(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> Result<Out
         target,
         overwrite,
         sources,
-        plan,
+        mut plan,
         s3,
         ..
     } = prepare(
@@ -579,15 +579,16 @@ fn execute(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> Result<Out
         .output_root
         .local()
         .ok_or_else(|| JobError::Internal("a local output under an S3 root".into()))?;
+    let (plan_total, plan_count) = (plan.total, plan.count());
     let step = |stage, renames, hash| JobStep {
         stage,
         output_root: local_root,
         output: &manifest.output,
         overwrite,
         renames,
-        size: plan.total,
+        size: plan_total,
         hash,
-        sources: plan.count(),
+        sources: plan_count,
     };
     let record = |step: &JobStep| match ctx.before_publish {
         Some(hook) => hook(step).map_err(JobError::Journal),
@@ -605,21 +606,38 @@ fn execute(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> Result<Out
     let (temp, journal, resumed) = match ctx.pieces {
         Some(path) if plan.total > 0 => {
             let fingerprint = copy::fingerprint(&plan, max_piece, configured_mode);
-            pieces::start(
-                path,
-                &fingerprint,
-                &target,
-                &ctx.job_id,
-                plan.total,
-                rule.fsync,
-                allocate,
-            )?
+            let start = || {
+                pieces::start(
+                    path,
+                    &fingerprint,
+                    &target,
+                    &ctx.job_id,
+                    plan_total,
+                    rule.fsync,
+                    allocate,
+                )
+            };
+            match start() {
+                // As below: the spilled table may hold the room the output needs.
+                Err(crate::output::OutputError::NoSpace { .. }) if plan.unspill() => {
+                    tracing::info!(job_id = %ctx.job_id, "no room for the output beside the plan's spilled table: table moved to memory");
+                    start()?
+                }
+                r => r?,
+            }
         }
-        _ => (
-            target.create_temp_with(&ctx.job_id, plan.total, allocate)?,
-            None,
-            Vec::new(),
-        ),
+        _ => {
+            let temp = match target.create_temp_with(&ctx.job_id, plan.total, allocate) {
+                // The plan's spilled table may hold the room the output needs: take it back
+                // into memory and try once more.
+                Err(crate::output::OutputError::NoSpace { .. }) if plan.unspill() => {
+                    tracing::info!(job_id = %ctx.job_id, "no room for the output beside the plan's spilled table: table moved to memory");
+                    target.create_temp_with(&ctx.job_id, plan.total, allocate)?
+                }
+                r => r?,
+            };
+            (temp, None, Vec::new())
+        }
     };
     let journaled = journal.is_some();
     let mut mode = configured_mode;

@@ -32,6 +32,12 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Move a spilled table back into memory, freeing its file's space on the output's
+    /// filesystem; false when it was not spilled (see [`SourceTable::unspill`]).
+    pub(super) fn unspill(&mut self) -> bool {
+        self.table.unspill()
+    }
+
     /// Number of sources.
     pub fn count(&self) -> u64 {
         self.table.len()

@@ -99,7 +99,9 @@ impl SourceTable {
                 self.heap.clear();
             }
             Err(e) => {
-                // Bytes past `entries` may be half written; they are never read.
+                // Bytes past `entries` may be half written: cut them off, or they would hold
+                // space on the output's filesystem (full, likely) that the output needs.
+                let _ = spill.file.set_len(spill.entries * ENTRY);
                 tracing::debug!(error = %e, "plan table: cannot spill; the rest is kept in memory");
                 spill.stopped = true;
             }
@@ -133,6 +135,25 @@ impl SourceTable {
         let _ = map.advise(memmap2::Advice::Sequential);
         spill.map = Some(map);
         Ok(())
+    }
+
+    /// Give the spill file's space back to its filesystem: read the spilled entries onto the
+    /// heap and close the file. For when the output's filesystem turns out too full for the
+    /// output beside the table (spilling is never a reason to fail). False when nothing was
+    /// spilled.
+    pub fn unspill(&mut self) -> bool {
+        let spilled = self.spilled();
+        if spilled == 0 || self.spill.as_ref().is_none_or(|s| s.map.is_none()) {
+            return false;
+        }
+        let mut all = Vec::with_capacity((spilled as usize).saturating_add(self.heap.len()));
+        for i in 0..spilled {
+            all.push(self.get(i));
+        }
+        all.append(&mut self.heap);
+        self.heap = all;
+        self.spill = None;
+        true
     }
 
     /// Entry `i` (0-based).
@@ -210,6 +231,19 @@ mod tests {
         }
         // The spill file is anonymous: nothing is left in the folder.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn an_unspilled_table_reads_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = filled(Some(dir.path()), 8);
+        assert!(t.is_spilled());
+        assert!(t.unspill());
+        assert!(!t.is_spilled() && !t.unspill());
+        assert_eq!(t.len(), 8);
+        for i in 0..8 {
+            assert_eq!(t.get(i), (i * 10, Pin(i ^ 0xabcd)));
+        }
     }
 
     #[test]

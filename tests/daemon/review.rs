@@ -96,3 +96,53 @@ fn interrupt_a_big_job(env: &Env) -> Vec<u8> {
     );
     want
 }
+
+/// A daemon job (which keeps a pieces journal) whose plan table spilled onto a nearly full output
+/// filesystem: 65,537 one-byte sources (a 64 KiB output, a 1 MiB table) on a 1,060 KiB tmpfs.
+/// Before the fix the job failed `no_space` although the output alone fits; now the table moves
+/// back to memory and the temporary file is allocated again.
+#[test]
+fn a_spilled_plan_table_gives_way_to_the_output_in_the_daemon() {
+    if !rustix::process::geteuid().is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "needs root to mount a tmpfs"
+        );
+        eprintln!("SKIPPED: needs root to mount a tmpfs");
+        return;
+    }
+    let env = Env::new("    fsync: false\n");
+    let out = env.path("out");
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1060k", "tmpfs"])
+        .arg(&out)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mount tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(out.clone());
+    env.data("x", b"a");
+    env.data("list.txt", "x\n".repeat(65_537).as_bytes());
+    let d = env.start();
+    env.drop_renamed(
+        "in",
+        "m.json",
+        r#"{"output": "o.bin", "sources": [], "source_lists": ["list.txt"]}"#,
+    );
+    wait_until(Duration::from_secs(60), || {
+        count_results(&env.path("in")) == 1
+    });
+    assert_eq!(d.stop(), 0);
+    let r = results(&env.path("in")).pop().unwrap();
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert!(fs::read(out.join("o.bin")).unwrap() == vec![b'a'; 65_537]);
+}

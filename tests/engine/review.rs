@@ -19,3 +19,66 @@ fn a_folder_at_the_output_path_is_refused_before_the_copy_even_with_overwrite() 
     let message = r["error"]["message"].as_str().unwrap();
     assert!(message.contains("folder"), "{message}");
 }
+
+/// A tmpfs of `kib` KiB mounted over `dir` until dropped (needs root: `None`, skipped, without).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn over(dir: &Path, kib: u64) -> Option<Tmpfs> {
+        if !rustix::process::geteuid().is_root() {
+            assert!(std::env::var_os("CI").is_none(), "tmpfs tests need root");
+            eprintln!("SKIPPED: needs root to mount a tmpfs");
+            return None;
+        }
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount tmpfs over {}", dir.display());
+        Some(Tmpfs(dir.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A plan table whose spill fills the output's filesystem half way through a write falls back
+/// to memory — and gives the half-written bytes back: 131,073 one-byte sources (a 128 KiB
+/// output, a 2 MiB table) fit a 1.5 MiB output filesystem. Before the fix the failed spill kept
+/// its 512 KiB of half-written entries and the job failed `no_space` at the allocation.
+#[test]
+fn a_spill_that_fills_the_output_filesystem_leaves_room_for_the_output() {
+    let env = Env::new("    fsync: false\n");
+    let Some(_fs) = Tmpfs::over(&env.path("out"), 1536) else {
+        return;
+    };
+    env.data("x", b"a");
+    env.data("list.txt", "x\n".repeat(131_073).as_bytes());
+    let m =
+        json(serde_json::json!({"output": "o.bin", "sources": [], "source_lists": ["list.txt"]}));
+    let r = env.succeeds(&m, "o.bin", &vec![b'a'; 131_073]);
+    assert_eq!(r["sources"], 131_073);
+}
+
+/// A spill that succeeds still takes room on the output's filesystem: 65,537 one-byte sources
+/// (a 64 KiB output, a 1 MiB table) on a 1,060 KiB output filesystem. Before the fix the job
+/// failed `no_space` at the allocation although the output alone fits; now the table moves back
+/// to memory and the allocation is tried again.
+#[test]
+fn a_spilled_table_gives_way_to_the_output_on_a_full_filesystem() {
+    let env = Env::new("    fsync: false\n");
+    let Some(_fs) = Tmpfs::over(&env.path("out"), 1060) else {
+        return;
+    };
+    env.data("x", b"a");
+    env.data("list.txt", "x\n".repeat(65_537).as_bytes());
+    let m =
+        json(serde_json::json!({"output": "o.bin", "sources": [], "source_lists": ["list.txt"]}));
+    let r = env.succeeds(&m, "o.bin", &vec![b'a'; 65_537]);
+    assert_eq!(r["sources"], 65_537);
+}
