@@ -68,7 +68,7 @@ struct Work {
     segments: Vec<Segment>,
 }
 
-/// How [`Copy::pwrite`] places the bytes of local sources that lie well for it.
+/// How [`Copy::place`] places the bytes of local sources that lie well for it.
 #[derive(Debug, Clone, Copy)]
 enum Placement {
     /// Everything through the buffer (`pwrite` mode).
@@ -94,7 +94,7 @@ pub(super) struct Copy<'a> {
     pub out_path: &'a Path,
     pub mode: WriteMode,
     /// The output's filesystem shares extents and the mode allows it: block-aligned runs of local
-    /// sources are shared with the output instead of copied (see [`Copy::pwrite`]).
+    /// sources are shared with the output instead of copied (see [`Copy::place`]).
     pub share: bool,
     pub ctx: &'a JobContext<'a>,
     /// Where finished pieces are recorded, for a rerun to resume from (daemon jobs).
@@ -370,13 +370,13 @@ impl Copy<'_> {
             }
             let filled = match self.mode {
                 WriteMode::CopyFileRange if self.share && align > 0 => {
-                    self.pwrite(&work, &mut block, Placement::Share { align })
+                    self.place(&work, &mut block, Placement::Share { align })
                 }
                 WriteMode::CopyFileRange | WriteMode::Auto => {
-                    self.pwrite(&work, &mut block, Placement::KernelCopy)
+                    self.place(&work, &mut block, Placement::KernelCopy)
                 }
                 WriteMode::Mmap => self.mmap(&work),
-                WriteMode::Pwrite => self.pwrite(&work, &mut block, Placement::Buffer),
+                WriteMode::Pwrite => self.place(&work, &mut block, Placement::Buffer),
             };
             match filled {
                 Ok(hash) => {
@@ -457,8 +457,9 @@ impl Copy<'_> {
         }
     }
 
-    /// `pread` sources into a block, hash it while it is in cache, `pwrite` it. Small sources are
-    /// packed into one block, so they cost one write per block, not one each.
+    /// Fill one piece of the output and hash it, as `how` says. The base path: `pread` sources
+    /// into a block, hash it while it is in cache, `pwrite` it; small sources are packed into one
+    /// block, so they cost one write per block, not one each.
     ///
     /// With [`Placement::KernelCopy`], a local source's range of [`KERNEL_COPY_FROM`] bytes or
     /// more is copied by `copy_file_range` a block at a time instead, each block hashed right
@@ -475,7 +476,7 @@ impl Copy<'_> {
     ///
     /// Where the kernel cannot copy between the two files (`EXDEV` and the like), the rest of the
     /// range goes through the buffer.
-    fn pwrite(&self, work: &Work, block: &mut [u8], how: Placement) -> Result<NodeHash, JobError> {
+    fn place(&self, work: &Work, block: &mut [u8], how: Placement) -> Result<NodeHash, JobError> {
         let share = match how {
             Placement::Share { align } => Some(align),
             _ => None,
@@ -567,7 +568,7 @@ impl Copy<'_> {
         Ok(OutputWindow { map, start })
     }
 
-    /// Hash and write the filled part of [`Copy::pwrite`]'s block at `out_at`, and move past it;
+    /// Hash and write the filled part of [`Copy::place`]'s block at `out_at`, and move past it;
     /// in sharing mode allocating it first (see [`Copy::write_unshared`]).
     fn flush(
         &self,

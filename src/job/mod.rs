@@ -603,49 +603,38 @@ fn execute(ctx: &JobContext, manifest_path: &Path, origin: Origin) -> Result<Out
         WriteMode::Auto | WriteMode::CopyFileRange => crate::output::Allocate::UnlessShared,
         WriteMode::Pwrite | WriteMode::Mmap => crate::output::Allocate::Full,
     };
-    let (temp, journal, resumed) = match ctx.pieces {
-        Some(path) if plan.total > 0 => {
-            let fingerprint = copy::fingerprint(&plan, max_piece, configured_mode);
-            let start = || {
-                pieces::start(
-                    path,
-                    &fingerprint,
-                    &target,
-                    &ctx.job_id,
-                    plan_total,
-                    rule.fsync,
-                    allocate,
-                )
-            };
-            match start() {
-                // As below: the spilled table may hold the room the output needs.
-                Err(crate::output::OutputError::NoSpace { .. }) if plan.unspill() => {
-                    tracing::info!(job_id = %ctx.job_id, "no room for the output beside the plan's spilled table: table moved to memory");
-                    start()?
-                }
-                r => r?,
-            }
+    let fingerprint = copy::fingerprint(&plan, max_piece, configured_mode);
+    let create = || match ctx.pieces {
+        Some(path) if plan_total > 0 => pieces::start(
+            path,
+            &fingerprint,
+            &target,
+            &ctx.job_id,
+            plan_total,
+            rule.fsync,
+            allocate,
+        ),
+        _ => target
+            .create_temp_with(&ctx.job_id, plan_total, allocate)
+            .map(|temp| (temp, None, Vec::new())),
+    };
+    let (temp, journal, resumed) = match create() {
+        // The plan's spilled table may hold the room the output needs: take it back into memory
+        // and try once more.
+        Err(OutputError::NoSpace { .. }) if plan.unspill() => {
+            tracing::info!(
+                job_id = %ctx.job_id,
+                "no room for the output beside the plan's spilled table: table moved to memory"
+            );
+            create()?
         }
-        _ => {
-            let temp = match target.create_temp_with(&ctx.job_id, plan.total, allocate) {
-                // The plan's spilled table may hold the room the output needs: take it back
-                // into memory and try once more.
-                Err(crate::output::OutputError::NoSpace { .. }) if plan.unspill() => {
-                    tracing::info!(job_id = %ctx.job_id, "no room for the output beside the plan's spilled table: table moved to memory");
-                    target.create_temp_with(&ctx.job_id, plan.total, allocate)?
-                }
-                r => r?,
-            };
-            (temp, None, Vec::new())
-        }
+        r => r?,
     };
     let journaled = journal.is_some();
     let mut mode = configured_mode;
-    // `auto` shares extents where the output's filesystem can (see copy::Copy::pwrite).
+    // `copy_file_range` (and so `auto`) shares extents where the output's filesystem can (see
+    // copy::Copy::place); only those modes leave the shared ranges unallocated.
     let share = temp.reflinks() && allocate == crate::output::Allocate::UnlessShared;
-    if share {
-        mode = WriteMode::CopyFileRange;
-    }
     if mode == crate::config::WriteMode::Mmap && !temp.allocated() {
         // Without allocated blocks a full disk would reach a mapped write as SIGBUS.
         tracing::warn!(job_id = %ctx.job_id, "filesystem cannot fallocate: using pwrite, not mmap");

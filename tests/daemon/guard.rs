@@ -94,12 +94,7 @@ fn an_output_root_inside_a_watch_folder_is_refused_by_check_and_run() {
         .args(["check", "-c", "rules.yaml"])
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_exit(&out, 0);
 }
 
 #[test]

@@ -88,13 +88,7 @@ fn the_default_rules_file_checks_and_runs_a_job_once_its_folders_exist() {
         fs::create_dir_all(root.path().join(d)).unwrap();
     }
     let out = check();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_exit(&out, 0);
     fs::write(root.path().join("lib/sources/a"), b"pack").unwrap();
     let manifest = root.path().join("m.json");
     fs::write(&manifest, r#"{"output":"x/y.bin","sources":["a","a"]}"#).unwrap();
@@ -105,12 +99,7 @@ fn the_default_rules_file_checks_and_runs_a_job_once_its_folders_exist() {
         .arg(&manifest)
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_exit(&out, 0);
     assert_eq!(
         fs::read(root.path().join("lib/out/x/y.bin")).unwrap(),
         b"packpack"

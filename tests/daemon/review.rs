@@ -103,33 +103,11 @@ fn interrupt_a_big_job(env: &Env) -> Vec<u8> {
 /// back to memory and the temporary file is allocated again.
 #[test]
 fn a_spilled_plan_table_gives_way_to_the_output_in_the_daemon() {
-    if !rustix::process::geteuid().is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "needs root to mount a tmpfs"
-        );
-        eprintln!("SKIPPED: needs root to mount a tmpfs");
-        return;
-    }
     let env = Env::new("    fsync: false\n");
     let out = env.path("out");
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1060k", "tmpfs"])
-        .arg(&out)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "mount tmpfs");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _unmount = Unmount(out.clone());
+    let Some(_fs) = Tmpfs::mount_or_skip(&out, "1060k") else {
+        return;
+    };
     env.data("x", b"a");
     env.data("list.txt", "x\n".repeat(65_537).as_bytes());
     let d = env.start();

@@ -11,6 +11,10 @@ mod reflink;
 mod review;
 mod settle;
 mod sources;
+/// The daemon tests' helpers (a daemon as a child process, results, waits, a tmpfs).
+#[allow(dead_code)]
+#[path = "../support/mod.rs"]
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -295,12 +295,6 @@ fn btrfs_full_filesystem_shares_or_is_no_space() {
     full_filesystem("btrfs");
 }
 
-/// The daemon tests' helpers (a daemon as a child process, results, waits).
-#[cfg(feature = "crash-points")]
-#[allow(dead_code)]
-#[path = "../support/mod.rs"]
-mod support;
-
 /// A daemon job in sharing mode, killed at 60 % of its copy, resumes from its pieces journal:
 /// the rerun shares or copies only what is left, and the output is right and still shared.
 #[cfg(feature = "crash-points")]
@@ -310,7 +304,7 @@ mod resume {
 
     use super::*;
 
-    use super::support;
+    use crate::support;
 
     fn crash_then_resume(fs: &str) {
         let Some(img) = image(fs, 400) else { return };

@@ -497,14 +497,19 @@ fn check_validates_s3_output_roots_and_verify() {
         "log_dir: logs\nrules:\n  - name: a\n    watch: in\n    output_root: s3://Bad_Bucket/x/\n    verify: always\n  - name: b\n    watch: in2\n    output_root: s3://bkt/a//b/\n",
     )
     .unwrap();
-    let out = Command::new(assert_cmd::cargo::cargo_bin!("concatd"))
-        .args(["check", "-c"])
-        .arg(&rules)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(2), "{text}");
+    // `concatd check`: its exit code, and what it printed.
+    let check = || {
+        let out = Command::new(assert_cmd::cargo::cargo_bin!("concatd"))
+            .args(["check", "-c"])
+            .arg(&rules)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).to_string()
+            + &String::from_utf8_lossy(&out.stdout);
+        (out.status.code(), text)
+    };
+    let (code, text) = check();
+    assert_eq!(code, Some(2), "{text}");
     assert!(text.contains("rule 'a': key 'output_root'"), "{text}");
     assert!(
         text.contains("rule 'a': key 'verify': 'always' is not one of auto, read_back"),
@@ -517,17 +522,8 @@ fn check_validates_s3_output_roots_and_verify() {
         "log_dir: logs\nrules:\n  - name: a\n    watch: in\n    output_root: s3://bkt/out\n    verify: read_back\n",
     )
     .unwrap();
-    let out = Command::new(assert_cmd::cargo::cargo_bin!("concatd"))
-        .args(["check", "-c"])
-        .arg(&rules)
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, text) = check();
+    assert_eq!(code, Some(0), "{text}");
 }
 
 /// Uploads under the prefix that no job owns are aborted by the daemon's sweep.

@@ -254,12 +254,13 @@ impl Drop for Tmpfs {
     }
 }
 
-/// Assert a command exited with `code`, showing its stderr when it did not.
+/// Assert a command exited with `code`, showing its stdout and stderr when it did not.
 pub fn assert_exit(out: &std::process::Output, code: i32) {
     assert_eq!(
         out.status.code(),
         Some(code),
-        "{}",
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
 }
