@@ -14,7 +14,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::source::Pin;
 
@@ -28,6 +28,9 @@ const ENTRY: u64 = 16;
 pub(super) struct SourceTable {
     /// Entries after the spilled ones (all of them while nothing is spilled).
     heap: Vec<(u64, Pin)>,
+    /// Where the spill file is to be made, until it is tried: most tables never reach
+    /// [`SPILL_FROM`], and their jobs should not pay for a file they do not need.
+    dir: Option<PathBuf>,
     spill: Option<Spill>,
 }
 
@@ -45,21 +48,10 @@ struct Spill {
 impl SourceTable {
     /// A table that spills into an unlinked file in `dir` once large (or never, with `None`).
     pub fn new(dir: Option<&Path>) -> SourceTable {
-        let spill = dir.and_then(|dir| match tempfile::tempfile_in(dir) {
-            Ok(file) => Some(Spill {
-                file,
-                entries: 0,
-                map: None,
-                stopped: false,
-            }),
-            Err(e) => {
-                tracing::debug!(dir = %dir.display(), error = %e, "plan table: cannot spill here; kept in memory");
-                None
-            }
-        });
         SourceTable {
             heap: Vec::new(),
-            spill,
+            dir: dir.map(Path::to_path_buf),
+            spill: None,
         }
     }
 
@@ -81,6 +73,26 @@ impl SourceTable {
     }
 
     fn write_heap(&mut self) {
+        if self.spill.is_none() {
+            // Made on first need, and tried once.
+            let Some(dir) = self.dir.take() else {
+                return;
+            };
+            match tempfile::tempfile_in(&dir) {
+                Ok(file) => {
+                    self.spill = Some(Spill {
+                        file,
+                        entries: 0,
+                        map: None,
+                        stopped: false,
+                    })
+                }
+                Err(e) => {
+                    tracing::debug!(dir = %dir.display(), error = %e, "plan table: cannot spill here; kept in memory");
+                    return;
+                }
+            }
+        }
         let Some(spill) = self
             .spill
             .as_mut()
@@ -111,7 +123,8 @@ impl SourceTable {
     /// Done appending: write what is left and map the spill file for reading. Entries cannot be
     /// read back before this.
     pub fn seal(&mut self) -> std::io::Result<()> {
-        // A table that never reached SPILL_FROM stays on the heap, and its file is closed.
+        // A table that never spilled stays on the heap (a spill file whose first write failed is
+        // closed).
         if self.spilled() == 0 {
             self.spill = None;
             return Ok(());

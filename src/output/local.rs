@@ -8,8 +8,9 @@
 //! shares extents and the job will share them ([`Allocate::UnlessShared`]): then the file is only
 //! sized, and the copy allocates each range it writes just before writing it. Publishing is
 //! `fsync` of the file, `renameat2` (with `RENAME_NOREPLACE` unless overwriting, so a file that
-//! appeared meanwhile is never clobbered), then `fsync` of the folder. The `.b3` sidecar is written to its own temporary
-//! file *before* the output is renamed, so a full disk cannot leave an output without its sidecar.
+//! appeared meanwhile is never clobbered), then `fsync` of the folder. The `.b3` sidecar is
+//! written to its own temporary file *before* the output is renamed, so a full disk cannot leave
+//! an output without its sidecar.
 //! Dropping a [`TempOutput`] removes its temporary names: its own bytes when unpublished, the
 //! earlier file an overwrite exchanged out when published.
 //!
