@@ -106,7 +106,15 @@ pub(super) fn prepare<'a>(
     // `concatd plan` says what a run would find at the key (a run asks again just before it
     // creates the upload, and completes conditionally).
     if refusals == Refusals::All && !overwrite {
-        exists_refusal(&job, &sources).map_err(|e| vec![e])?;
+        let (clients, s3) = store_clients(&job, &sources).map_err(|e| vec![e])?;
+        let out = S3Output::new(
+            s3.sdk().clone(),
+            &job.bucket,
+            &job.key,
+            rule.remote.idle_timeout,
+        );
+        let sidecar = rule.checksum_file && wants_hash(rule, &manifest, &job, plan.total);
+        refuse_existing(&out, clients.rt(), &job, sidecar).map_err(|e| vec![e])?;
     }
     tracing::info!(
         job_id = %job_id, sources = plan.count(), bytes = plan.total, output = %job.url,
@@ -124,25 +132,35 @@ pub(super) fn prepare<'a>(
     })
 }
 
-/// `output_exists` when an object is at the output's key.
-fn exists_refusal(job: &S3Job, sources: &Sources) -> Result<(), JobError> {
-    let (clients, s3) = store_clients(job, sources)?;
-    let head = clients
-        .rt()
-        .block_on(crate::output::s3::head_object(
-            s3.sdk(),
-            &job.bucket,
-            &job.key,
-            None,
-        ))
-        .map_err(|f| JobError::Output(f.into_output(&job.url, "HEAD")))?;
-    match head {
-        Some(_) => Err(OutputError::Exists {
-            path: job.url.clone().into(),
-        }
-        .into()),
-        None => Ok(()),
-    }
+/// Whether the job learns its output's BLAKE3: every byte passes through the host, or the rule
+/// or the manifest asks for it (which reads the copied bytes back).
+fn wants_hash(rule: &crate::config::Rule, manifest: &Manifest, job: &S3Job, total: u64) -> bool {
+    rule.verify == Verify::ReadBack
+        || manifest.expect.blake3.is_some()
+        || job.parts.uploaded_bytes == total
+}
+
+/// `output_exists` when an object is at the output's key, or at its `.b3` when the job will
+/// write one (`sidecar`): what a run checks before it creates the upload, and `concatd plan`
+/// reports. (Only an early refusal: the conditional completion holds against a racing writer.)
+fn refuse_existing(
+    out: &S3Output,
+    rt: &tokio::runtime::Handle,
+    job: &S3Job,
+    sidecar: bool,
+) -> Result<(), JobError> {
+    let head = |key: &str| {
+        rt.block_on(out.head(key))
+            .map_err(|f| JobError::Output(f.into_output(&job.url, "HEAD")))
+    };
+    let url = if head(&job.key)?.is_some() {
+        job.url.clone()
+    } else if sidecar && head(&format!("{}.b3", job.key))?.is_some() {
+        format!("{}.b3", job.url)
+    } else {
+        return Ok(());
+    };
+    Err(OutputError::Exists { path: url.into() }.into())
 }
 
 /// The clients of the output's store (the rule's, shared with its `s3://` sources).
@@ -220,9 +238,7 @@ pub fn run(
     let rt = clients.rt().clone();
     let store = |f: StoreFailure, action| JobError::Output(f.into_output(&job.url, action));
     let total = plan.total;
-    let want_hash = rule.verify == Verify::ReadBack
-        || manifest.expect.blake3.is_some()
-        || job.parts.uploaded_bytes == total;
+    let want_hash = wants_hash(rule, manifest, job, total);
     let crc_wanted = job.crc_knowable();
     let fingerprint = job.fingerprint(plan);
     let journal_path = ctx.pieces.map(|p| p.with_file_name(journal::FILE));
@@ -251,7 +267,7 @@ pub fn run(
                     uploaded_bytes: job.parts.uploaded_bytes,
                 };
                 // The crash may have come before the sidecar was written.
-                put_sidecar(rule, job, &out, &rt, &up)?;
+                put_sidecar(rule, job, &sidecar_key, &out, &rt, &up)?;
                 return Ok(up);
             }
             Resume::Upload { id, parts, file } => {
@@ -268,24 +284,7 @@ pub fn run(
         }
     }
     if upload_id.is_none() && !overwrite {
-        // Early refusal; the conditional completion is what holds against a racing writer.
-        let head = rt
-            .block_on(out.head(&job.key))
-            .map_err(|f| store(f, "HEAD"))?;
-        let sidecar = if rule.checksum_file && want_hash {
-            rt.block_on(out.head(&sidecar_key))
-                .map_err(|f| store(f, "HEAD"))?
-        } else {
-            None
-        };
-        if head.is_some() || sidecar.is_some() {
-            let what = if head.is_some() {
-                &job.url
-            } else {
-                &format!("{}.b3", job.url)
-            };
-            return Err(OutputError::Exists { path: what.into() }.into());
-        }
+        refuse_existing(&out, &rt, job, rule.checksum_file && want_hash)?;
     }
     let id = match upload_id {
         Some(id) => id,
@@ -325,7 +324,7 @@ pub fn run(
     );
     match outcome {
         Ok(mut up) => {
-            put_sidecar(rule, job, &out, &rt, &up)?;
+            put_sidecar(rule, job, &sidecar_key, &out, &rt, &up)?;
             up.url = job.url.clone();
             tracing::info!(job_id = %ctx.job_id, output = %job.url, etag = %up.etag, "upload completed");
             Ok(up)
@@ -349,19 +348,27 @@ pub fn run(
 
 /// The `<key>.b3` object (b3sum format, like a local sidecar), when the rule wants one and the
 /// output's BLAKE3 is known. Written after the completion: an object store has no rename that
-/// would publish both at once, so a reader may see the object a moment before its `.b3`.
+/// would publish both at once, so a reader may see the object a moment before its `.b3`. When
+/// the BLAKE3 is not known (bytes copied inside the store, `verify: auto`), an earlier `<key>.b3`
+/// is deleted instead: it would describe other bytes.
 fn put_sidecar(
     rule: &crate::config::Rule,
     job: &S3Job,
+    sidecar_key: &str,
     out: &S3Output,
     rt: &tokio::runtime::Handle,
     up: &Uploaded,
 ) -> Result<(), JobError> {
-    let (true, Some(hash)) = (rule.checksum_file, &up.blake3) else {
+    if !rule.checksum_file {
         return Ok(());
+    }
+    let Some(hash) = &up.blake3 else {
+        return rt
+            .block_on(out.delete(sidecar_key))
+            .map_err(|f| JobError::Output(f.into_output(&job.url, "DeleteObject of the .b3")));
     };
     let name = job.key.rsplit('/').next().unwrap_or(&job.key);
     let line = crate::checksum::sidecar_line(hash, name);
-    rt.block_on(out.put_small(&format!("{}.b3", job.key), line.into_bytes()))
+    rt.block_on(out.put_small(sidecar_key, line.into_bytes()))
         .map_err(|f| JobError::Output(f.into_output(&job.url, "PutObject of the .b3")))
 }

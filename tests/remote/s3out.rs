@@ -419,11 +419,35 @@ fn overwrite_false_refuses_and_keeps_the_old_object() {
     assert_eq!(store.get("out/race.bin").unwrap(), b"the racing writer");
     assert_eq!(store.uploads(), 0, "the refused upload was left billing");
 
-    // With overwrite the old object is replaced.
+    // A `.b3` alone at the key of a job that will write one (every byte passes through): plan
+    // and run both refuse, naming it.
+    store.put("out/side.bin.b3", b"0000  side.bin\n");
+    let side =
+        serde_json::json!({"output": "side.bin", "sources": [server.url("trickle/tail.bin")]});
+    let refused = job.plan_refused(side.clone());
+    assert_eq!(refused["error"]["kind"], "output_exists", "{refused}");
+    let r = job.once(side);
+    assert_eq!(r["error"]["kind"], "output_exists", "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("side.bin.b3"),
+        "{r}"
+    );
+
+    // With overwrite the old object is replaced, and the old object's `.b3` goes with it: the
+    // new one is copied inside the store, so no BLAKE3 of it is known to replace the `.b3`.
+    store.put("out/taken.bin.b3", b"0000  taken.bin\n");
     let r = job.once(serde_json::json!({"output": "taken.bin", "overwrite": true,
         "sources": ["s3://bkt/data/o.bin"]}));
     assert_eq!(r["status"], "succeeded", "{r}");
     assert!(store.get("out/taken.bin").unwrap() == o);
+    assert!(r.get("blake3").is_none(), "{r}");
+    assert!(
+        store.get("out/taken.bin.b3").is_none(),
+        "a stale .b3 was left"
+    );
 }
 
 #[test]

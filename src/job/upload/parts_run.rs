@@ -213,6 +213,10 @@ pub(super) fn parts_then_complete(
         } else {
             None
         };
+        // Cleared when the body is closed: the upload of this part already failed, and its
+        // error arrives on `results`. The part is still read to its end, because its bytes
+        // are hashed (and its CRC taken) only this once; the resend only uploads them.
+        let mut body_open = body_tx.is_some();
         let read = read_range(ctx, job, sources, p.start, p.len, &mut |chunk: Bytes| {
             if let Some(h) = hash.as_deref_mut() {
                 h.update(&chunk);
@@ -220,14 +224,13 @@ pub(super) fn parts_then_complete(
             if upload {
                 crc.update(&chunk);
             }
-            if let Some(btx) = &body_tx {
+            if let Some(btx) = body_tx.as_ref().filter(|_| body_open) {
                 if let Some(pr) = progress {
                     pr.done.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 }
                 moved.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 crate::crash::fraction("s3-parts", moved.load(Ordering::Relaxed), total_bytes);
-                // A closed body: the upload already failed; its error arrives on `results`.
-                return btx.blocking_send(Ok(chunk)).is_ok();
+                body_open = btx.blocking_send(Ok(chunk)).is_ok();
             }
             true
         });
