@@ -231,26 +231,16 @@ fn job_label(rule: &str, status: Status) -> JobLabels {
 }
 
 /// (written by concatd, copied server-side) for a published result. S3 results carry
-/// `uploaded_bytes` and `copied_bytes` (SPEC, result fields); they are read from the result's
-/// JSON so this works whether or not those fields are typed on `JobResult` yet. Without them
-/// (a local output) every byte of `size` was written.
+/// `uploaded_bytes` and `copied_bytes` (SPEC, result fields); without them (a local output)
+/// every byte of `size` was written.
 fn output_bytes(result: &JobResult) -> (u64, u64) {
     let size = result.size.unwrap_or(0);
-    let Ok(json) = serde_json::to_value(result) else {
-        return (size, 0);
-    };
-    let field = |name: &str| json.get(name).and_then(serde_json::Value::as_u64);
-    let copied = field("copied_bytes").unwrap_or(0);
-    let written = field("uploaded_bytes").unwrap_or(size.saturating_sub(copied));
+    let copied = result.copied_bytes.unwrap_or(0);
+    let written = result.uploaded_bytes.unwrap_or(size.saturating_sub(copied));
     (written, copied)
 }
 
 static GLOBAL: LazyLock<Metrics> = LazyLock::new(Metrics::new);
-
-/// The process-wide registry.
-pub fn global() -> &'static Metrics {
-    &GLOBAL
-}
 
 /// The process-wide registry as OpenMetrics text, for `GET /metrics` (serve with
 /// [`CONTENT_TYPE`]).
@@ -266,16 +256,6 @@ pub fn rule_started(rule: &str) {
 /// See [`Metrics::job_finished`].
 pub fn job_finished(rule: &str, result: &JobResult, duration: Duration) {
     GLOBAL.job_finished(rule, result, duration);
-}
-
-/// See [`Metrics::bytes_written`].
-pub fn bytes_written(rule: &str, n: u64) {
-    GLOBAL.bytes_written(rule, n);
-}
-
-/// See [`Metrics::copied_bytes`].
-pub fn copied_bytes(rule: &str, n: u64) {
-    GLOBAL.copied_bytes(rule, n);
 }
 
 /// See [`Metrics::queue_depth_add`].

@@ -22,6 +22,10 @@ pub(super) fn router(state: Arc<State>) -> axum::Router {
         .route("/v1/rules/{rule}/logs", get(logs))
         .route("/v1/jobs/{id}", get(jobs::get_job))
         .fallback(|| async { Refusal::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        // A known path asked with another method: the same JSON refusal as every other.
+        .method_not_allowed_fallback(|| async {
+            Refusal::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
+        })
         .with_state(state)
 }
 

@@ -84,14 +84,13 @@ impl ResultWatch {
         })
         .ok()
         .and_then(|mut w| {
-            let mut any = false;
-            for sub in [DONE_DIR, FAILED_DIR] {
-                any |= w
-                    .watch(&watch.join(sub), RecursiveMode::NonRecursive)
-                    .is_ok();
-            }
-            // Both are needed: a result missed in one would only be seen by the slow re-check.
-            any.then_some(w)
+            // Both are needed: with one unwatched, a result filed there would wait for the
+            // watched pace of re-checks, so the wait falls back to the unwatched pace instead.
+            let all = [DONE_DIR, FAILED_DIR].iter().all(|sub| {
+                w.watch(&watch.join(sub), RecursiveMode::NonRecursive)
+                    .is_ok()
+            });
+            all.then_some(w)
         });
         Self { changes, watcher }
     }

@@ -110,6 +110,10 @@ fn sync_and_async_jobs_over_the_socket_and_tcp() {
         &manifest("x", json!(["a"])),
     );
     assert_eq!(r.status, 404, "{}", r.text());
+    // A known path with another method: 405, refused as JSON like the rest.
+    let r = api.unix("GET", "/v1/rules/r1/jobs", b"");
+    assert_eq!(r.status, 405, "{}", r.text());
+    assert_eq!(r.json()["error"]["status"], 405, "{}", r.text());
 
     // The rules document, and the log's last lines.
     let rules = api.unix("GET", "/v1/rules", b"").json();
