@@ -18,7 +18,7 @@ mod layout;
 mod parts_run;
 mod sweep;
 
-pub use layout::{Rec, S3Job, SegFrom, crc_to_base64, plan};
+pub use layout::{Rec, S3Job, SegFrom, plan};
 pub use sweep::{EVERY as SWEEP_EVERY, sweep_orphans};
 
 use std::sync::Arc;

@@ -173,7 +173,7 @@ pub fn resume(
             .strip_prefix("s3://")
             .and_then(|rest| rest.split_once('/'))
         {
-            let client = out_client(out);
+            let client = out.client();
             rt.block_on(crate::output::s3::abort(client, bucket, key, &upload_id))
                 .map_err(|f| store(f, "AbortMultipartUpload"))?;
         }
@@ -226,8 +226,4 @@ pub fn resume(
             })
         }
     }
-}
-
-fn out_client(out: &S3Output) -> &aws_sdk_s3::Client {
-    out.client()
 }

@@ -52,8 +52,6 @@ pub struct S3Job {
     pub url: String,
     pub recs: Vec<Rec>,
     pub segments: Vec<Segment>,
-    /// Output offset where each segment starts.
-    pub seg_start: Vec<u64>,
     pub from: Vec<SegFrom>,
     pub parts: PartPlan,
 }
@@ -83,12 +81,9 @@ impl S3Job {
     /// every segment with copied bytes is copied whole, from an object whose stored checksum is
     /// known. `uploaded` gives an uploaded part's CRC by its index.
     pub(super) fn full_crc(&self, uploaded: &dyn Fn(usize) -> Option<u64>) -> Option<u64> {
-        let mut acc: Option<(u64, u64)> = None; // (crc, len) so far
+        let mut acc: Option<u64> = None; // the CRC so far
         let mut push = |crc: u64, len: u64| {
-            acc = Some(match acc {
-                None => (crc, len),
-                Some((a, alen)) => (crc64::combine(a, crc, len), alen + len),
-            });
+            acc = Some(acc.map_or(crc, |a| crc64::combine(a, crc, len)));
         };
         let mut i = 0;
         while i < self.parts.parts.len() {
@@ -119,7 +114,7 @@ impl S3Job {
                 }
             }
         }
-        Some(acc.map_or(crc64::checksum(b""), |(c, _)| c))
+        Some(acc.unwrap_or_else(|| crc64::checksum(b"")))
     }
 
     /// Whether a full-object CRC64NVME can be known (asked before any byte is read).
@@ -158,7 +153,6 @@ pub fn plan(
 ) -> Result<S3Job, JobError> {
     let key = key_for(root, output)?;
     let mut segments: Vec<Segment> = Vec::new();
-    let mut seg_start = Vec::new();
     let mut from = Vec::new();
     for (i, r) in recs.iter().enumerate() {
         if r.len == 0 {
@@ -187,7 +181,6 @@ pub fn plan(
                     len: r.len,
                     copyable: true,
                 });
-                seg_start.push(r.out_start);
                 from.push(c);
             }
             None => match (segments.last_mut(), from.last()) {
@@ -197,7 +190,6 @@ pub fn plan(
                         len: r.len,
                         copyable: false,
                     });
-                    seg_start.push(r.out_start);
                     from.push(SegFrom::Upload);
                 }
             },
@@ -214,7 +206,6 @@ pub fn plan(
         key,
         recs,
         segments,
-        seg_start,
         from,
         parts,
     };
@@ -266,7 +257,7 @@ fn stored_checksums(job: &mut S3Job, sources: &Sources) {
         ));
         match head {
             Ok(Some(h)) if h.etag == *etag => {
-                *crc64nvme = h.crc64nvme.as_deref().and_then(crc_from_base64);
+                *crc64nvme = h.crc64nvme.as_deref().and_then(crc64::from_base64);
             }
             other => {
                 tracing::debug!(source = %key, answer = ?other.map(|h| h.map(|h| h.etag)).map_err(|f| f.text), "no stored CRC64NVME");
@@ -285,15 +276,6 @@ fn s3_object(text: &str) -> Option<(String, String)> {
     crate::config::urls::bucket_and_key(&url)
 }
 
-/// A CRC64NVME as S3 writes it: base64 of its 8 big-endian bytes.
-pub fn crc_to_base64(crc: u64) -> String {
-    crc64::to_base64(crc)
-}
-
-fn crc_from_base64(text: &str) -> Option<u64> {
-    crc64::from_base64(text)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,8 +285,8 @@ mod tests {
         // CRC64NVME of "123456789" is 0xae8b14860a799888 (the check value of the algorithm).
         let crc = crc64::checksum(b"123456789");
         assert_eq!(crc, 0xae8b_1486_0a79_9888);
-        let b = crc_to_base64(crc);
+        let b = crc64::to_base64(crc);
         assert_eq!(b, "rosUhgp5mIg=");
-        assert_eq!(crc_from_base64(&b), Some(crc));
+        assert_eq!(crc64::from_base64(&b), Some(crc));
     }
 }

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use super::super::parts::PartKind;
 use super::super::{JobContext, JobError};
 use super::journal::Journal;
-use super::layout::{S3Job, SegFrom, crc_to_base64};
+use super::layout::{S3Job, SegFrom};
 use super::{BODY_CHUNKS, CHUNK, Uploaded, body};
 use crate::manifest::Manifest;
 use crate::output::OutputError;
@@ -331,7 +331,8 @@ pub(super) fn parts_then_complete(
         });
     }
     let crc = if flags.crc_wanted {
-        job.full_crc(&|i| part_crcs[i]).map(crc_to_base64)
+        job.full_crc(&|i| part_crcs[i])
+            .map(crate::checksum::crc64::to_base64)
     } else {
         None
     };

@@ -43,15 +43,14 @@ pub fn sweep_orphans(rule: &Rule) -> Result<usize, String> {
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs() as i64;
+    let grace = grace().as_secs() as i64;
     let mut aborted = 0;
     for u in uploads {
         if owned.contains(&u.upload_id) {
             continue;
         }
         // Without an initiation time the upload is taken as old: the store would bill it forever.
-        if u.initiated
-            .is_some_and(|t| now - t < grace().as_secs() as i64)
-        {
+        if u.initiated.is_some_and(|t| now - t < grace) {
             continue;
         }
         match clients
