@@ -68,6 +68,7 @@ pub(super) fn parts_then_complete(
             continue;
         }
         let SegFrom::Copy {
+            rec,
             bucket,
             key,
             version_id,
@@ -80,16 +81,15 @@ pub(super) fn parts_then_complete(
                 p.number
             )));
         };
-        let rec = &job.recs[match &job.from[segment] {
-            SegFrom::Copy { rec, .. } => *rec,
-            SegFrom::Upload => unreachable!(),
-        }];
+        let rec = &job.recs[*rec];
         let start = rec.offset + offset;
         let (out, sem, tx) = (out.clone(), sem.clone(), tx.clone());
         let (id, bucket, key) = (id.to_owned(), bucket.clone(), key.clone());
         let (version_id, etag, settings) = (version_id.clone(), etag.clone(), settings.clone());
         let (number, len, source_number) = (p.number, p.len, rec.number);
         let what = rec.location.to_string();
+        // The task runs outside the job's span: it names the rule for the retry metric itself.
+        let rule_name = ctx.rule.name.clone();
         in_flight += 1;
         rt.spawn(async move {
             let _permit = sem.acquire_owned().await;
@@ -109,6 +109,8 @@ pub(super) fn parts_then_complete(
                 match r {
                     Err(f) if f.transient() && failures + 1 < settings.attempts => {
                         failures += 1;
+                        crate::metrics::remote_retry(&rule_name);
+                        tracing::warn!(rule = %rule_name, part = number, attempt = failures, error = %f.text, "UploadPartCopy failed; retrying");
                         tokio::time::sleep(crate::source::remote::backoff(
                             settings.backoff,
                             failures,
@@ -257,7 +259,9 @@ pub(super) fn parts_then_complete(
             break;
         }
         let upload = matches!(p.kind, PartKind::Upload);
-        if !upload && hasher.is_none() {
+        // Read only for what reading gives: an upload, the BLAKE3, or a finished part's CRC.
+        let needed = hasher.is_some() || (upload && (done[i].is_none() || flags.crc_wanted));
+        if !needed {
             continue;
         }
         match stream(i, upload && done[i].is_none(), hasher.as_mut()) {
@@ -298,7 +302,8 @@ pub(super) fn parts_then_complete(
                 break;
             }
             std::thread::sleep(crate::source::remote::backoff(settings.backoff, retries[i]));
-            tracing::info!(job_id = %ctx.job_id, part = job.parts.parts[i].number, attempt = retries[i] + 1, "uploading a part again");
+            crate::metrics::remote_retry(&ctx.rule.name);
+            tracing::warn!(job_id = %ctx.job_id, part = job.parts.parts[i].number, attempt = retries[i] + 1, "UploadPart failed; uploading the part again");
             if let Err(e) = stream(i, true, None) {
                 failure.get_or_insert(e);
                 break;
