@@ -113,6 +113,11 @@ struct S3Job {
 
 impl S3Job {
     fn new(store: &Store, extra_urls: &[String], extra: &str) -> Self {
+        Self::with_endpoint(&store.moto.endpoint, extra_urls, extra)
+    }
+
+    /// The rule reaching the store at `endpoint` (a proxy in front of moto, say).
+    fn with_endpoint(endpoint: &str, extra_urls: &[String], extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         for d in ["in", "src"] {
             std::fs::create_dir(dir.path().join(d)).unwrap();
@@ -122,7 +127,7 @@ impl S3Job {
         let rules = format!(
             "log_dir: logs\nrules:\n  - name: r\n    watch: in\n    output_root: s3://bkt/out/\n    source_root: src\n    allow:\n      urls: [{}]\n    s3:\n      endpoint: {}\n      region: us-east-1\n      path_style: true\n    remote:\n      connect_timeout: 2s\n      idle_timeout: 20s\n      attempts: 2\n      backoff: 10ms\n{extra}",
             urls.join(", "),
-            store.moto.endpoint
+            endpoint
         );
         std::fs::write(dir.path().join("rules.yaml"), rules).unwrap();
         S3Job { dir }
@@ -731,4 +736,106 @@ mod crash {
     fn crash_after_complete() {
         crash_then_restart("s3-after-complete");
     }
+}
+
+/// A TCP proxy in front of moto that cuts the first connection carrying an `UploadPart` request
+/// once 1 MiB of it has passed, mid-body: the part's upload fails while concatd still streams it.
+struct CutProxy {
+    endpoint: String,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CutProxy {
+    fn start(upstream: &str) -> Self {
+        use std::io::Write;
+        use std::sync::atomic::Ordering;
+        let upstream = upstream.trim_start_matches("http://").to_owned();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = cut.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let (mut c_in, mut s_out) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                // Answers flow back untouched.
+                let (mut s_in, mut c_out) = (server, client);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut s_in, &mut c_out);
+                    let _ = c_out.shutdown(std::net::Shutdown::Both);
+                });
+                let flag = flag.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 << 10];
+                    let mut tail: Vec<u8> = Vec::new(); // the last bytes seen, for a split match
+                    let mut left: Option<usize> = None; // bytes to pass before the cut
+                    loop {
+                        let n = match c_in.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if left.is_none() && !flag.load(Ordering::SeqCst) {
+                            tail.extend_from_slice(&buf[..n]);
+                            let hit = tail.windows(11).any(|w| w == b"partNumber=")
+                                && tail.windows(4).any(|w| w == b"PUT ")
+                                && !tail
+                                    .windows(19)
+                                    .any(|w| w.eq_ignore_ascii_case(b"x-amz-copy-source: "));
+                            if hit && !flag.swap(true, Ordering::SeqCst) {
+                                left = Some(1 << 20);
+                            }
+                            let keep = tail.len().saturating_sub(4096);
+                            tail.drain(..keep);
+                        }
+                        if let Some(l) = left.as_mut() {
+                            if n >= *l {
+                                let _ = s_out.write_all(&buf[..*l]);
+                                let _ = s_out.shutdown(std::net::Shutdown::Both);
+                                let _ = c_in.shutdown(std::net::Shutdown::Both);
+                                break;
+                            }
+                            *l -= n;
+                        }
+                        if s_out.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        CutProxy { endpoint, cut }
+    }
+}
+
+/// An uploaded part whose upload fails mid-body (the connection cut after 1 MiB of it) is sent
+/// again, and the output's BLAKE3, `.b3` and CRC64NVME still cover every byte of it: the part is
+/// read to its end the first time even though its body was closed.
+#[test]
+fn a_part_cut_mid_body_is_sent_again_and_hashed_whole() {
+    let Some(store) = Store::start() else {
+        return skip_outside_ci("moto_server is not installed (pip install 'moto[server]')");
+    };
+    let proxy = CutProxy::start(&store.moto.endpoint);
+    let job = S3Job::with_endpoint(&proxy.endpoint, &[], "");
+    let want = data(12 * MIB, 21);
+    std::fs::write(job.path("src/big.bin"), &want).unwrap();
+    let r = job.once(serde_json::json!({"output": "cut.bin", "sources": ["big.bin"]}));
+    assert!(
+        proxy.cut.load(std::sync::atomic::Ordering::SeqCst),
+        "no UploadPart was cut"
+    );
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert!(
+        store.get("out/cut.bin").unwrap() == want,
+        "the object's bytes differ"
+    );
+    assert_eq!(r["blake3"], b3(&want), "{r}");
+    let sidecar = String::from_utf8(store.get("out/cut.bin.b3").unwrap()).unwrap();
+    assert_eq!(sidecar, format!("{}  cut.bin\n", b3(&want)));
+    assert_eq!(r["crc64nvme"], store.head("out/cut.bin").1, "{r}");
+    assert_eq!(store.uploads(), 0);
 }
