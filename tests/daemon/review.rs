@@ -60,7 +60,7 @@ fn a_resumable_job_that_fails_on_its_rerun_leaves_no_temporary_file() {
     );
 }
 
-/// Start a daemon whose jobs get 1 ms of grace at shutdown, drop a job of 8 × 8 MiB sources, stop
+/// Start a daemon whose jobs get 1 ms of grace at shutdown, drop a job of 8 × 16 MiB sources, stop
 /// the daemon once the job has journaled a piece, and check its temporary output was kept to
 /// resume in. Returns the bytes the output should hold.
 fn interrupt_a_big_job(env: &Env) -> Vec<u8> {
@@ -72,7 +72,8 @@ fn interrupt_a_big_job(env: &Env) -> Vec<u8> {
     let mut want = Vec::new();
     let mut names = Vec::new();
     for i in 0..8u8 {
-        let b: Vec<u8> = (0..8usize << 20)
+        // Large enough that the copy is still running when the stop arrives.
+        let b: Vec<u8> = (0..16usize << 20)
             .map(|j| (j as u8) ^ i.wrapping_mul(37))
             .collect();
         env.data(&format!("p{i}"), &b);

@@ -107,14 +107,16 @@ impl Daemon {
         fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
+    /// Send `sig` ("TERM" or "HUP") at once, with no `kill` process to start first: tests that
+    /// stop a job mid-copy race the copy.
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{sig}");
+        let sig = match sig {
+            "TERM" => rustix::process::Signal::TERM,
+            "HUP" => rustix::process::Signal::HUP,
+            other => panic!("signal {other} is not used by the tests"),
+        };
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("a child's pid");
+        rustix::process::kill_process(pid, sig).expect("kill");
     }
 
     /// SIGTERM and wait; the exit code.
